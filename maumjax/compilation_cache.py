@@ -27,7 +27,7 @@ def enable(cache_dir: str | os.PathLike | None = None, *, min_compile_secs: floa
 
   Args:
     cache_dir: where compiled executables are stored; `default_cache_dir()` when None. Set
-      the environment variable to the empty string-free value `off` to disable the cache.
+      `MAUMJAX_COMPILATION_CACHE=off` to disable the cache.
     min_compile_secs: only programs that took at least this long to compile are stored.
   """
   if os.environ.get(ENV_VAR, "").lower() == "off":
