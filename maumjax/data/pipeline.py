@@ -1,0 +1,397 @@
+"""Training input pipeline: TFDS data source -> identity sampler -> Grain -> batches.
+
+Shape of one step (protocol.md §5.1; stack.md §6.2):
+
+  sampler (P identities x K per modality, seeded by (seed, epoch))
+    -> element = one (visible, infrared) pair of record indices
+    -> Grain map: read both images (from the array_record source, or from a RAM cache of
+       decoded images), draw augmentation parameters from (seed, epoch, slot), and either apply
+       them on the host (`augment_on='host'`) or ship uint8 images plus the parameters for the
+       jitted step to apply (`augment_on='device'`, see `device_augment`)
+    -> batch of P*K pairs per host: {'rgb': {...}, 'ir': {...}}, identity-major, so an even
+       split along axis 0 gives every device whole identities with both modalities.
+
+Everything random is a pure function of (seed, epoch, slot), independent of worker count,
+thread timing and sharding, so a run resumes exactly from the iterator's state (a few bytes of
+JSON, see `TrainIterator.get_state`), and a multi-host run sees the same global batch as a
+single-host one.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import io
+import os
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+from PIL import Image
+
+from maumjax.data import augment as augment_lib
+from maumjax.data import sampler as sampler_lib
+
+AUGMENT_ON = ("host", "device")
+CACHE_MODES = ("none", "ram")
+META_KEYS = ("label", "identity", "camera", "modality")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  """Input pipeline settings; every field is a switch with the reference default.
+
+  Attributes:
+    num_identities: P, identities per step (AGW: 8).
+    num_instances: K, images per identity per modality (AGW: 4).
+    augment_rgb: augmentation preset name (see `maumjax.data.augment.PRESETS`) for visible
+      images; 'agw' is pad 10 + random crop + flip.
+    augment_ir: the same for infrared images.
+    augment_on: 'host' applies augmentation in the loader (float32 batches); 'device' ships
+      uint8 images plus parameters and `device_augment` applies them inside the jitted step.
+    cache: 'none' decodes every image when it is read; 'ram' decodes the whole training split
+      once into a uint8 array (SYSU-MM01 at 288x144 is about 4.2 GB).
+    num_threads: Grain read threads (batches prepared concurrently).
+    num_workers: Grain worker processes (0: threads only). Processes copy the RAM cache, so
+      use threads with cache='ram'.
+    prefetch: batches kept ready ahead of the consumer.
+    imbalance_fraction: rho for the modality-imbalance setting (1.0 = balanced, off).
+    imbalance_modality: modality that loses data (1 infrared, 0 visible).
+    imbalance_unit: 'images' (variant A) or 'identities' (variant B), see
+      `maumjax.data.sampler.modality_subset`.
+    seed: seed of the sampler, the augmentation and the imbalance subset.
+  """
+
+  num_identities: int = 8
+  num_instances: int = 4
+  augment_rgb: str = "agw"
+  augment_ir: str = "agw"
+  augment_on: str = "host"
+  cache: str = "none"
+  num_threads: int = 4
+  num_workers: int = 0
+  prefetch: int = 4
+  imbalance_fraction: float = 1.0
+  imbalance_modality: int = sampler_lib.INFRARED
+  imbalance_unit: str = "images"
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.augment_on not in AUGMENT_ON:
+      raise ValueError(f"augment_on={self.augment_on!r}; choose one of {AUGMENT_ON}")
+    if self.cache not in CACHE_MODES:
+      raise ValueError(f"cache={self.cache!r}; choose one of {CACHE_MODES}")
+    for name in ("augment_rgb", "augment_ir"):
+      augment_lib.preset(getattr(self, name))  # raises with the valid names
+    if self.num_threads < 1 or self.num_workers < 0 or self.prefetch < 1:
+      raise ValueError(f"num_threads={self.num_threads} (>= 1), num_workers={self.num_workers} "
+                       f"(>= 0), prefetch={self.prefetch} (>= 1) out of range")
+
+
+def decode_image(data: bytes) -> np.ndarray:
+  """Encoded PNG/JPEG/BMP bytes -> uint8 [H, W, 3] (grey images become 3-channel)."""
+  with Image.open(io.BytesIO(data)) as img:
+    return np.asarray(img.convert("RGB"))
+
+
+def read_metadata(source: Sequence[dict[str, Any]], *, chunk: int = 1024) -> dict[str, np.ndarray]:
+  """Reads label, identity, camera and modality of every record, as int64 arrays.
+
+  `source` should skip image decoding (`tfds.decode.SkipDecoding()`), as
+  `open_train_source` arranges, so this reads bytes but decodes nothing.
+  """
+  cols = {k: [] for k in META_KEYS}
+  getitems = getattr(source, "__getitems__", None)
+  for start in range(0, len(source), chunk):
+    keys = range(start, min(start + chunk, len(source)))
+    rows = getitems(list(keys)) if getitems else [source[i] for i in keys]
+    for row in rows:
+      for k in META_KEYS:
+        cols[k].append(int(row[k]))
+  return {k: np.asarray(v, np.int64) for k, v in cols.items()}
+
+
+class ImageStore:
+  """uint8 images of a record source by index, decoded on read or from a RAM cache.
+
+  Args:
+    source: random-access records whose 'image' is encoded bytes (or already an array).
+    cache_indices: records to decode up front into one array (cache='ram'); None decodes on
+      every read.
+    num_threads: threads used to fill the cache (PIL releases the GIL while decoding).
+  """
+
+  def __init__(self, source: Sequence[dict[str, Any]], *,
+               cache_indices: np.ndarray | None = None, num_threads: int = 0):
+    self._source = source
+    self._cache = None
+    self._slot = None
+    if cache_indices is not None:
+      cache_indices = np.unique(np.asarray(cache_indices, np.int64))
+      first = self._decode(cache_indices[0])
+      self._cache = np.empty((len(cache_indices),) + first.shape, np.uint8)
+      self._slot = np.full(len(source), -1, np.int64)
+      self._slot[cache_indices] = np.arange(len(cache_indices))
+
+      def fill(pos):
+        img = self._decode(cache_indices[pos])
+        if img.shape != first.shape:
+          raise ValueError(f"record {int(cache_indices[pos])} has image shape {img.shape}, "
+                           f"expected {first.shape}; the RAM cache needs one image size")
+        self._cache[pos] = img
+
+      workers = num_threads or min(8, os.cpu_count() or 1)
+      with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        list(pool.map(fill, range(len(cache_indices))))
+
+  @property
+  def cached_bytes(self) -> int:
+    return 0 if self._cache is None else self._cache.nbytes
+
+  def _decode(self, index) -> np.ndarray:
+    image = self._source[int(index)]["image"]
+    return image if isinstance(image, np.ndarray) else decode_image(image)
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    if self._cache is not None:
+      slot = self._slot[index]
+      if slot >= 0:
+        return self._cache[slot]
+    return self._decode(index)
+
+
+class _Elements:
+  """Random-access sequence of (epoch, global slot, visible index, infrared index).
+
+  Element g of this host is slot j of step s of epoch e, where a step holds `local` pairs of
+  this host; the global slot is `s * per_step + shard_index * local + j`.
+  """
+
+  def __init__(self, sampler: sampler_lib.IdentitySampler, num_epochs: int, shard_index: int,
+               shard_count: int, start_epoch: int = 0):
+    self._sampler = sampler
+    self._start = start_epoch
+    self._num_epochs = num_epochs
+    self._shard = shard_index
+    self.local = sampler.per_step // shard_count
+    self.per_epoch = sampler.steps_per_epoch * self.local
+    self._plans: dict[int, sampler_lib.EpochPlan] = {}
+    self._lock = threading.Lock()
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_lock"] = None
+    state["_plans"] = {}
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+  def __len__(self) -> int:
+    return self._num_epochs * self.per_epoch
+
+  def _plan(self, epoch: int) -> sampler_lib.EpochPlan:
+    with self._lock:
+      plan = self._plans.get(epoch)
+      if plan is None:
+        plan = self._sampler.epoch(epoch)
+        # Keep two epochs: prefetch threads may straddle an epoch boundary.
+        self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
+        self._plans[epoch] = plan
+      return plan
+
+  def __getitem__(self, g: int) -> tuple[int, int, int, int]:
+    if not 0 <= g < len(self):
+      raise IndexError(g)
+    epoch = self._start + g // self.per_epoch
+    step, j = divmod(g % self.per_epoch, self.local)
+    slot = step * self._sampler.per_step + self._shard * self.local + j
+    plan = self._plan(epoch)
+    return epoch, slot, int(plan.visible[slot]), int(plan.infrared[slot])
+
+
+class _LoadPair:
+  """Grain map: element -> {'rgb': {...}, 'ir': {...}, 'epoch', 'slot'} for one pair."""
+
+  def __init__(self, store: ImageStore, meta: dict[str, np.ndarray], aug_rgb, aug_ir,
+               on_device: bool, seed: int):
+    self._store = store
+    self._meta = meta
+    self._aug = (aug_rgb, aug_ir)
+    self._on_device = on_device
+    self._seed = seed
+
+  def __call__(self, element):
+    epoch, slot, idx_rgb, idx_ir = element
+    out = {"epoch": np.int32(epoch), "slot": np.int32(slot)}
+    for m, (name, index) in enumerate((("rgb", idx_rgb), ("ir", idx_ir))):
+      image = self._store[index]
+      cfg = self._aug[m]
+      rng = np.random.default_rng([self._seed, epoch, slot, m])
+      params = augment_lib.draw_params(rng, cfg, image.shape[0], image.shape[1])
+      record = {k: np.int32(self._meta[k][index]) for k in META_KEYS}
+      record["index"] = np.int32(index)
+      if self._on_device:
+        record["image"] = image
+        record["aug"] = params
+      else:
+        record["image"] = augment_lib.apply_numpy(image, params, cfg)
+      out[name] = record
+    return out
+
+
+def device_augment(batch: dict[str, Any], config: PipelineConfig) -> dict[str, Any]:
+  """Applies the shipped augmentation parameters to uint8 images, inside a jitted step.
+
+  With `augment_on='host'` the batch is returned unchanged. Otherwise each modality's
+  'image' becomes the float32 normalised, augmented image, exactly as the host path computes
+  it (`maumjax.data.augment.apply_jax` equals `apply_numpy`).
+  """
+  if config.augment_on == "host":
+    return batch
+  out = dict(batch)
+  for name, preset in (("rgb", config.augment_rgb), ("ir", config.augment_ir)):
+    part = dict(batch[name])
+    part["image"] = augment_lib.apply_jax(part["image"], part.pop("aug"),
+                                          augment_lib.preset(preset))
+    out[name] = part
+  return out
+
+
+class TrainIterator:
+  """Iterator over training batches with a checkpointable state.
+
+  Each `next()` returns one step's host-local batch:
+  `{'rgb': {'image', 'label', 'identity', 'camera', 'modality', 'index'[, 'aug']},
+    'ir': {...}, 'epoch', 'slot'}`, every leaf with leading dimension P*K / shard_count.
+  """
+
+  def __init__(self, dataset: grain.MapDataset, read_options, mp_options, steps_per_epoch: int):
+    self._dataset = dataset
+    self._read_options = read_options
+    self._mp_options = mp_options
+    self.steps_per_epoch = steps_per_epoch
+    self._iter = self._make_iter()
+
+  def _make_iter(self):
+    ds = self._dataset.to_iter_dataset(self._read_options)
+    if self._mp_options is not None:
+      ds = ds.mp_prefetch(self._mp_options)
+    return iter(ds)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    return next(self._iter)
+
+  def get_state(self) -> dict[str, Any]:
+    """A small JSON-serialisable state; `set_state` resumes at the next batch."""
+    return self._iter.get_state()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._iter.set_state(state)
+
+  def close(self) -> None:
+    close = getattr(self._iter, "close", None)
+    if close is not None:
+      close()
+
+
+@dataclasses.dataclass
+class TrainPipeline:
+  """The prepared training pipeline of one host.
+
+  Attributes:
+    config: the pipeline settings.
+    sampler: the identity sampler (its `steps_per_epoch` is the epoch length).
+    metadata: int64 arrays label/identity/camera/modality per record of the source.
+    keep: bool mask of records in use (modality-imbalance subset).
+    store: the image store (decode on read, or RAM cache).
+    shard_index, shard_count: this host's slice of every global batch.
+  """
+
+  config: PipelineConfig
+  sampler: sampler_lib.IdentitySampler
+  metadata: dict[str, np.ndarray]
+  keep: np.ndarray
+  store: ImageStore
+  shard_index: int = 0
+  shard_count: int = 1
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return self.sampler.steps_per_epoch
+
+  @property
+  def local_batch(self) -> int:
+    """Pairs per step on this host (each pair is one visible and one infrared image)."""
+    return self.sampler.per_step // self.shard_count
+
+  def dataset(self, num_epochs: int, *, start_epoch: int = 0) -> grain.MapDataset:
+    """A random-access Grain dataset of this host's batches for `num_epochs` epochs."""
+    cfg = self.config
+    elements = _Elements(self.sampler, num_epochs, self.shard_index, self.shard_count,
+                         start_epoch)
+    load = _LoadPair(self.store, self.metadata, augment_lib.preset(cfg.augment_rgb),
+                     augment_lib.preset(cfg.augment_ir), cfg.augment_on == "device", cfg.seed)
+    return grain.MapDataset.source(elements).map(load).batch(elements.local,
+                                                             drop_remainder=True)
+
+  def iterator(self, num_epochs: int, *, start_epoch: int = 0) -> TrainIterator:
+    """Threaded (and optionally multi-process) iterator over `dataset(num_epochs)`."""
+    cfg = self.config
+    read = grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch)
+    mp = grain.MultiprocessingOptions(num_workers=cfg.num_workers) if cfg.num_workers else None
+    return TrainIterator(self.dataset(num_epochs, start_epoch=start_epoch), read, mp,
+                         self.steps_per_epoch)
+
+
+def make_train_pipeline(source: Sequence[dict[str, Any]], config: PipelineConfig = PipelineConfig(),
+                        *, shard_index: int | None = None, shard_count: int | None = None,
+                        metadata: dict[str, np.ndarray] | None = None) -> TrainPipeline:
+  """Builds the training pipeline over a random-access record source.
+
+  Args:
+    source: the `train` split, e.g. `open_train_source(...)` (TFDS array_record data source
+      with image decoding skipped), or any sequence of dicts with 'image' (encoded bytes or a
+      uint8 array) and the keys of `META_KEYS`.
+    config: pipeline settings.
+    shard_index: this host's index among `shard_count` hosts; defaults to
+      `jax.process_index()` / `jax.process_count()`.
+    shard_count: see shard_index. P must be divisible by it.
+    metadata: precomputed `read_metadata(source)`, to skip the scan.
+
+  Raises:
+    ValueError: P not divisible by the number of hosts, or invalid sampler settings.
+  """
+  if shard_index is None or shard_count is None:
+    import jax  # Imported here so data-only users (benchmarks, tools) need not start JAX.
+    shard_index, shard_count = jax.process_index(), jax.process_count()
+  if config.num_identities % shard_count:
+    raise ValueError(f"num_identities P={config.num_identities} must be divisible by the "
+                     f"{shard_count} hosts, so every host gets whole identities")
+  meta = read_metadata(source) if metadata is None else metadata
+  keep = sampler_lib.modality_subset(
+      meta["label"], meta["modality"], fraction=config.imbalance_fraction,
+      reduce_modality=config.imbalance_modality, unit=config.imbalance_unit, seed=config.seed)
+  sampler = sampler_lib.IdentitySampler(
+      meta["label"], meta["modality"], num_identities=config.num_identities,
+      num_instances=config.num_instances, seed=config.seed, keep=keep)
+  cache = np.flatnonzero(keep) if config.cache == "ram" else None
+  store = ImageStore(source, cache_indices=cache)
+  return TrainPipeline(config, sampler, meta, keep, store, shard_index, shard_count)
+
+
+def open_train_source(builder, split: str = "train"):
+  """The array_record data source of a prepared TFDS builder, with image decoding skipped.
+
+  The pipeline decodes images itself, so the metadata scan and the RAM cache decode each
+  image at most once.
+  """
+  import tensorflow_datasets as tfds
+
+  return builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})

@@ -1,0 +1,179 @@
+"""Cross-modality identity sampler (P identities x K visible + K infrared) and imbalance subsets.
+
+The sampler follows the AGW reference `IdentitySampler` (protocol.md §5.1):
+
+1. N = max(number of visible training images, number of infrared training images);
+2. an epoch has floor(N / (P*K)) + 1 steps;
+3. each step draws P distinct identities uniformly, and for each identity, in order, K visible
+   and K infrared images uniformly *with replacement*;
+4. the result is two aligned index arrays (visible, infrared), identity-major: the K consecutive
+   slots of one identity sit together, and slot i of both arrays belongs to the same identity.
+
+Differences from the reference, all deliberate [I]:
+* Randomness comes from an explicit `np.random.Generator` seeded with (seed, epoch), not
+  NumPy's global generator, so an epoch can be rebuilt from its number alone (resumable runs).
+* Identities are drawn from those with images in *either* modality. With the full SYSU-MM01 or
+  RegDB training sets every identity has both, which is the reference's visible label set.
+  Under the modality-imbalance setting (MAUM spec §10, variant B) some identities lose one
+  modality; their slots of that modality are filled with a *substitute* identity that has it
+  (drawn uniformly among those not already in the step), so the batch keeps its shape and
+  every image carries its true label. The two arrays are then not label-aligned at those slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+VISIBLE, INFRARED = 0, 1
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochPlan:
+  """One epoch of sampled record indices.
+
+  Attributes:
+    visible: int64 [steps * P * K] record indices of the visible images.
+    infrared: int64 [steps * P * K] record indices of the infrared images.
+    steps: number of steps (batches) in the epoch.
+    per_step: P * K, images of one modality per step.
+  """
+
+  visible: np.ndarray
+  infrared: np.ndarray
+  steps: int
+  per_step: int
+
+
+def _index_lists(labels: np.ndarray, modality: np.ndarray, kept: np.ndarray):
+  """Per-modality dict label -> sorted record indices, over the kept records."""
+  lists = []
+  for m in (VISIBLE, INFRARED):
+    idx = np.flatnonzero(kept & (modality == m))
+    order = np.argsort(labels[idx], kind="stable")
+    idx = idx[order]
+    uniq, starts = np.unique(labels[idx], return_index=True)
+    lists.append(dict(zip(uniq.tolist(), np.split(idx, starts[1:]))))
+  return lists
+
+
+class IdentitySampler:
+  """Builds the per-epoch index arrays of the P x K cross-modality sampler.
+
+  Args:
+    labels: int [N] contiguous training label of every record of the source.
+    modality: int [N] 0 visible / 1 infrared for every record.
+    num_identities: P, identities per step (reference default 8).
+    num_instances: K, images per identity per modality (reference default 4).
+    seed: run seed; epoch e uses `np.random.default_rng([seed, e])`.
+    keep: optional bool [N] mask of usable records (modality-imbalance subsets, see
+      `modality_subset`); all records when None.
+
+  Raises:
+    ValueError: on mismatched array lengths, P or K < 1, fewer than P identities, or a modality
+      without any image.
+  """
+
+  def __init__(self, labels: Sequence[int] | np.ndarray, modality: Sequence[int] | np.ndarray,
+               *, num_identities: int = 8, num_instances: int = 4, seed: int = 0,
+               keep: np.ndarray | None = None):
+    labels = np.asarray(labels, np.int64)
+    modality = np.asarray(modality, np.int64)
+    if labels.shape != modality.shape or labels.ndim != 1:
+      raise ValueError(f"labels {labels.shape} and modality {modality.shape} must be equal-length "
+                       "1-d arrays, one entry per record")
+    if num_identities < 1 or num_instances < 1:
+      raise ValueError(f"num_identities (P={num_identities}) and num_instances "
+                       f"(K={num_instances}) must be >= 1")
+    kept = np.ones(labels.shape, bool) if keep is None else np.asarray(keep, bool)
+    if kept.shape != labels.shape:
+      raise ValueError(f"keep mask has shape {kept.shape}, expected {labels.shape}")
+    if np.any(labels[kept] < 0):
+      raise ValueError("negative labels among the sampled records; the sampler needs the train "
+                       "split (contiguous labels 0..C-1), not query/gallery records")
+    self._lists = _index_lists(labels, modality, kept)
+    for m, name in ((VISIBLE, "visible"), (INFRARED, "infrared")):
+      if not self._lists[m]:
+        raise ValueError(f"no {name} training images to sample from")
+    self.identities = np.array(sorted(set(self._lists[0]) | set(self._lists[1])), np.int64)
+    if len(self.identities) < num_identities:
+      raise ValueError(f"num_identities P={num_identities} exceeds the {len(self.identities)} "
+                       "training identities; lower --config.data.num_identities")
+    self.num_identities = num_identities
+    self.num_instances = num_instances
+    self.seed = seed
+    counts = [sum(len(v) for v in self._lists[m].values()) for m in (VISIBLE, INFRARED)]
+    self.num_images = tuple(counts)
+    self.per_step = num_identities * num_instances
+    self.steps_per_epoch = max(counts) // self.per_step + 1
+
+  def epoch(self, epoch: int) -> EpochPlan:
+    """Returns the index arrays of `epoch` (deterministic in (seed, epoch))."""
+    rng = np.random.default_rng([self.seed, epoch])
+    p, k = self.num_identities, self.num_instances
+    out = np.empty((2, self.steps_per_epoch, p, k), np.int64)
+    has = [np.array([int(c) in self._lists[m] for c in self.identities]) for m in (0, 1)]
+    for s in range(self.steps_per_epoch):
+      chosen = rng.choice(self.identities, size=p, replace=False)
+      for j, label in enumerate(chosen.tolist()):
+        for m in (VISIBLE, INFRARED):
+          pool = self._lists[m].get(label)
+          if pool is None:
+            # Imbalance variant B: this identity has no image of modality m.
+            free = self.identities[has[m] & ~np.isin(self.identities, chosen)]
+            if free.size == 0:
+              free = self.identities[has[m]]
+            pool = self._lists[m][int(rng.choice(free))]
+          out[m, s, j] = rng.choice(pool, size=k, replace=True)
+    flat = out.reshape(2, -1)
+    return EpochPlan(flat[0], flat[1], self.steps_per_epoch, self.per_step)
+
+
+def modality_subset(labels: np.ndarray, modality: np.ndarray, *, fraction: float,
+                    reduce_modality: int = INFRARED, unit: str = "images",
+                    seed: int = 0) -> np.ndarray:
+  """Keep mask for the modality-imbalance setting (MAUM spec §10).
+
+  Args:
+    labels: int [N] training labels.
+    modality: int [N] 0 visible / 1 infrared.
+    fraction: rho in (0, 1]; 1 keeps everything.
+    reduce_modality: the modality that loses data (1 infrared, the paper's case; 0 visible).
+    unit: 'images' (variant A: every identity keeps round(rho * n) of its images of that
+      modality, at least one) or 'identities' (variant B: only round(rho * C) identities, at
+      least one, keep their images of that modality; the others keep none).
+    seed: subset seed, independent of the sampler's.
+
+  Returns:
+    bool [N] mask; records of the other modality are always kept.
+
+  Raises:
+    ValueError: fraction outside (0, 1], unknown unit or modality.
+  """
+  if not 0.0 < fraction <= 1.0:
+    raise ValueError(f"imbalance fraction {fraction!r} must be in (0, 1]")
+  if unit not in ("images", "identities"):
+    raise ValueError(f"imbalance unit {unit!r} must be 'images' or 'identities'")
+  if reduce_modality not in (VISIBLE, INFRARED):
+    raise ValueError(f"reduce_modality {reduce_modality!r} must be 0 (visible) or 1 (infrared)")
+  labels = np.asarray(labels)
+  modality = np.asarray(modality)
+  keep = np.ones(labels.shape, bool)
+  if fraction == 1.0:
+    return keep
+  rng = np.random.default_rng([seed, reduce_modality, 1 if unit == "images" else 2])
+  target = modality == reduce_modality
+  ids = np.unique(labels[target])
+  if unit == "images":
+    for label in ids:
+      idx = np.flatnonzero(target & (labels == label))
+      n_keep = max(1, int(round(fraction * idx.size)))
+      dropped = rng.permutation(idx)[n_keep:]
+      keep[dropped] = False
+  else:
+    n_keep = max(1, int(round(fraction * ids.size)))
+    kept_ids = rng.permutation(ids)[:n_keep]
+    keep[target & ~np.isin(labels, kept_ids)] = False
+  return keep
