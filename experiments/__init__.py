@@ -1,0 +1,1 @@
+"""Entry modules (`python -m experiments.<method>`), configs and benchmarks."""

@@ -1,0 +1,117 @@
+"""From a data config to a prepared TFDS dataset: generate synthetic data if asked, then build.
+
+Entry modules call `prepare_dataset(config.data)`; nothing below them sees a ConfigDict.
+An empty `manual_dir` means "use the built-in synthetic data": the generator writes the real
+on-disk layout into the cache directory once per parameter set, and the builder reads it like
+a user's real copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+DATASETS = ("sysu_mm01", "regdb")
+
+
+def cache_root() -> Path:
+  """`$MAUMJAX_CACHE`, else `$XDG_CACHE_HOME/maumjax`, else `~/.cache/maumjax`."""
+  if os.environ.get("MAUMJAX_CACHE"):
+    return Path(os.environ["MAUMJAX_CACHE"]).expanduser()
+  return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "maumjax"
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticSpec:
+  """Parameters of the built-in synthetic data (see `maumjax.data.synthetic`)."""
+
+  num_identities: int = 40
+  images_per_camera: int = 12  # SYSU layout: images per (camera, identity) folder
+  images_per_modality: int = 10  # RegDB layout: images per identity per modality
+  height: int = 128
+  width: int = 64
+  seed: int = 0
+
+  def key(self, name: str) -> str:
+    blob = json.dumps({"name": name, **dataclasses.asdict(self)}, sort_keys=True)
+    return f"{name}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedDataset:
+  """A built dataset: where its source folder and its TFDS files are.
+
+  Attributes:
+    name: 'sysu_mm01' or 'regdb'.
+    manual_dir: the extracted (or synthetic) dataset folder the builder read.
+    data_dir: the TFDS data_dir holding the array_record files.
+    builder: the prepared `tfds.core.DatasetBuilder`.
+    synthetic: True when the data are the built-in synthetic stand-in.
+  """
+
+  name: str
+  manual_dir: Path
+  data_dir: Path
+  builder: Any
+  synthetic: bool
+
+
+def write_synthetic(name: str, spec: SyntheticSpec, root: Path | None = None) -> Path:
+  """Writes (once) the synthetic tree for `spec` under the cache and returns its folder."""
+  from maumjax.data import synthetic
+
+  out = (root or cache_root() / "synthetic") / spec.key(name)
+  if out.is_dir() and any(out.iterdir()):
+    return out
+  out.parent.mkdir(parents=True, exist_ok=True)
+  if name == "sysu_mm01":
+    synthetic.write_sysu_mm01(out, num_identities=spec.num_identities,
+                              images_per_camera=spec.images_per_camera, height=spec.height,
+                              width=spec.width, seed=spec.seed)
+  else:
+    synthetic.write_regdb(out, num_identities=spec.num_identities,
+                          images_per_modality=spec.images_per_modality, height=spec.height,
+                          width=spec.width, seed=spec.seed)
+  return out
+
+
+def prepare_dataset(name: str, *, manual_dir: str | os.PathLike | None = None,
+                    data_dir: str | os.PathLike | None = None, height: int = 288,
+                    width: int = 144, trial: int = 1, image_format: str = "png",
+                    synthetic: SyntheticSpec = SyntheticSpec()) -> PreparedDataset:
+  """Builds (or reuses) the TFDS dataset `name` at `height` x `width`.
+
+  Args:
+    name: 'sysu_mm01' or 'regdb'.
+    manual_dir: the extracted dataset folder; empty or None uses the synthetic data.
+    data_dir: TFDS data_dir; defaults to `<cache>/tfds/real` or, for synthetic data, a folder
+      keyed by the synthetic parameters (so a changed spec never reuses a stale build).
+    height, width: stored image size (LANCZOS resize at build time).
+    trial: RegDB trial 1..10.
+    image_format: 'png' (lossless) or 'jpeg'.
+    synthetic: parameters of the synthetic data, used when manual_dir is empty.
+
+  Raises:
+    ValueError: unknown dataset name.
+    maumjax.data.layouts.LayoutError: the manual dir is missing or malformed.
+  """
+  from maumjax.data import build as build_lib
+
+  if name not in DATASETS:
+    raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+  is_synthetic = not manual_dir
+  if is_synthetic:
+    manual = write_synthetic(name, synthetic)
+    default_data_dir = cache_root() / "tfds" / synthetic.key(name)
+  else:
+    manual = Path(manual_dir).expanduser()
+    default_data_dir = cache_root() / "tfds" / "real"
+  out = Path(data_dir).expanduser() if data_dir else default_data_dir
+  config = build_lib.make_config(name, None if name == "sysu_mm01" else f"trial_{trial}",
+                                 height=height, width=width, image_format=image_format)
+  builder = build_lib.build(name, manual_dir=manual, data_dir=out, config=config)
+  return PreparedDataset(name, manual, out, builder, is_synthetic)
