@@ -6,7 +6,7 @@ manual_dir is given, TFDS build, input pipeline) and prints a summary of one tra
 
 from __future__ import annotations
 
-from absl import app
+from absl import app, logging
 from ml_collections import config_flags
 
 from maumjax import compilation_cache
@@ -20,6 +20,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # TFDS logs every shard it writes at INFO
   compilation_cache.enable()
   print(summary.prepare_and_describe(_CONFIG.value.data))
 

@@ -33,7 +33,7 @@ def data_config(*, name: str = "sysu_mm01", height: int = 288,
           "num_instances": 4,  # K
           "augment_rgb": "agw",
           "augment_ir": "agw",
-          "augment_on": "host",
+          "augment_on": "device",
           "cache": "none",
           "num_threads": 4,
           "num_workers": 0,

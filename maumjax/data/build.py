@@ -25,7 +25,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from maumjax.data import layouts
+from maumjax.data import images, layouts
 from maumjax.data.regdb import Regdb, RegdbConfig
 from maumjax.data.sysu_mm01 import SysuMm01, SysuMm01Config
 
@@ -88,9 +88,9 @@ def _resolve_config(name: str, config: Config) -> SysuMm01Config | RegdbConfig:
   expected = RegdbConfig if name == "regdb" else SysuMm01Config
   if not isinstance(config, expected):
     raise ValueError(f"{name} needs a {expected.__name__}, got {type(config).__name__}")
-  if config.image_format not in layouts.IMAGE_FORMATS:
+  if config.image_format not in images.IMAGE_FORMATS:
     raise ValueError(f"image_format {config.image_format!r} of config {config.name!r} is not "
-                     f"one of {layouts.IMAGE_FORMATS}")
+                     f"one of {images.IMAGE_FORMATS}")
   if min(config.height, config.width) < 1:
     raise ValueError(f"config {config.name!r} has size {config.height}x{config.width}; "
                      "height and width must be positive")
@@ -217,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--config", help="predefined config name (default: the builder default)")
   parser.add_argument("--height", type=int, help="stored image height (new config)")
   parser.add_argument("--width", type=int, help="stored image width (new config)")
-  parser.add_argument("--image_format", choices=layouts.IMAGE_FORMATS,
+  parser.add_argument("--image_format", choices=images.IMAGE_FORMATS,
                       help="png (lossless, default) or jpeg (quality 95)")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")

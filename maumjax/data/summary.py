@@ -49,6 +49,13 @@ def prepare_and_describe(data: Mapping[str, Any]) -> str:
   batch = next(it)
   t_batch = time.perf_counter() - t0
   it.close()
+  shipped = []
+  if cfg.augment_on == "device":
+    import jax
+
+    shipped = [f"  shipped as {batch['rgb']['image'].dtype} + augmentation parameters; after "
+               "device_augment (jitted):"]
+    batch = jax.device_get(jax.jit(lambda b: pipeline_lib.device_augment(b, cfg))(batch))
   meta = pipe.metadata
   n_vis, n_ir = pipe.sampler.num_images
   splits = ", ".join(f"{k} {v.num_examples}" for k, v in sorted(info.splits.items()))
@@ -64,6 +71,7 @@ def prepare_and_describe(data: Mapping[str, Any]) -> str:
       f"{pipe.steps_per_epoch} steps per epoch",
       f"batch     {2 * pipe.local_batch} images (augment {cfg.augment_rgb}/{cfg.augment_ir} "
       f"on {cfg.augment_on})",
+      *shipped,
       *describe_batch(batch),
       f"time      prepare {t_prep:.1f} s, first batch {t_batch:.1f} s",
   ]

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import io
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image, ImageFile
+from PIL import Image
 
 from maumjax.data import layouts
 
@@ -278,46 +276,3 @@ def test_regdb_count_warnings_for_real_looking_copies(tmp_path):
                            {("train_visible", 1): (("Visible/1/a", 0),) * 5})
   messages = layouts.regdb_count_warnings(tree)
   assert len(messages) == 2 and "Thermal" in messages[0] and "2060" in messages[1]
-
-
-# ----------------------------------------------------------------------------------------------
-# Images
-
-
-def test_read_image_rgb_converts_grey_to_three_channels(tmp_path):
-  path = tmp_path / "grey.bmp"
-  Image.new("L", (4, 6), 77).save(path)
-  image = layouts.read_image_rgb(path)
-  assert image.mode == "RGB" and np.asarray(image).shape == (6, 4, 3)
-  assert (np.asarray(image) == 77).all()
-
-
-@pytest.mark.parametrize("load_truncated", [False, True])
-@pytest.mark.parametrize("fmt", ["jpg", "bmp"])
-def test_truncated_or_garbage_images_raise(tmp_path, monkeypatch, fmt, load_truncated):
-  # Another module may have set PIL's global switch; truncated JPEGs must still fail.
-  monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", load_truncated)
-  path = tmp_path / f"x.{fmt}"
-  rng = np.random.default_rng(0)
-  Image.fromarray(rng.integers(0, 255, (64, 32, 3), np.uint8)).save(path)
-  path.write_bytes(path.read_bytes()[:-40])
-  if fmt == "jpg" or not load_truncated:
-    message = _error(layouts.read_image_rgb, path)
-    assert repr(str(path)) in message and "re-extract" in message
-  (tmp_path / "garbage.jpg").write_bytes(b"not an image")
-  assert "garbage.jpg" in _error(layouts.read_image_rgb, tmp_path / "garbage.jpg")
-
-
-def test_encode_resized_matches_pil_lanczos(tmp_path):
-  path = tmp_path / "x.jpg"
-  Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 20, 3), np.uint8)).save(path)
-  data = layouts.encode_resized(path, height=16, width=8, image_format="png")
-  expected = Image.open(path).convert("RGB").resize((8, 16), Image.LANCZOS)
-  np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), np.asarray(expected))
-  with pytest.raises(ValueError, match="png"):
-    layouts.encode_resized(path, height=16, width=8, image_format="webp")
-
-
-def test_ordered_map_keeps_order_with_small_window():
-  out = list(layouts.ordered_map(lambda x: x * x, range(50), num_threads=3, window=4))
-  assert out == [x * x for x in range(50)]

@@ -48,7 +48,7 @@ def _assert_batches_equal(a, b):
 
 def test_batch_content_matches_records(source):
   cfg = pipeline_lib.PipelineConfig(num_identities=2, num_instances=3, augment_rgb="none",
-                                    augment_ir="none", num_threads=1)
+                                    augment_ir="none", num_threads=1, augment_on="host")
   pipe = pipeline_lib.make_train_pipeline(source, cfg, shard_index=0, shard_count=1)
   # N = max(30, 18) = 30; P*K = 6; 30 // 6 + 1 = 6 steps.
   assert pipe.steps_per_epoch == 6 and pipe.local_batch == 6
@@ -90,6 +90,25 @@ def test_same_seed_same_batches_whatever_the_threads(source):
   assert not np.array_equal(x["rgb"]["index"], y["rgb"]["index"])
 
 
+def test_worker_processes_give_the_same_batches_and_resume(source):
+  base = dict(num_identities=2, num_instances=2, num_threads=1)
+  threads = pipeline_lib.make_train_pipeline(source, pipeline_lib.PipelineConfig(**base),
+                                             shard_index=0, shard_count=1)
+  procs = pipeline_lib.make_train_pipeline(
+      source, pipeline_lib.PipelineConfig(**base, num_workers=2), shard_index=0, shard_count=1)
+  expect = _take(threads.iterator(1), 6)
+  it = procs.iterator(1)
+  got = _take(it, 3)
+  state = it.get_state()
+  it.close()
+  resumed = procs.iterator(1)
+  resumed.set_state(state)
+  got += _take(resumed, 3)
+  resumed.close()
+  for x, y in zip(expect, got):
+    _assert_batches_equal(x, y)
+
+
 def test_resume_from_state_matches_uninterrupted(source):
   cfg = pipeline_lib.PipelineConfig(num_identities=2, num_instances=2, num_threads=2)
   pipe = pipeline_lib.make_train_pipeline(source, cfg, shard_index=0, shard_count=1)
@@ -121,7 +140,8 @@ def test_device_augmentation_equals_host(source):
     for name in ("rgb", "ir"):
       np.testing.assert_allclose(np.asarray(out[name]["image"]), h[name]["image"], atol=1e-5)
   # The augmentation really changes something (crop offsets or flips differ from identity).
-  plain = pipeline_lib.PipelineConfig(**{**common, "augment_rgb": "none"})
+  plain = pipeline_lib.PipelineConfig(**{**common, "augment_rgb": "none",
+                                         "augment_on": "host"})
   p = next(pipeline_lib.make_train_pipeline(source, plain, shard_index=0,
                                             shard_count=1).iterator(1))
   assert not np.allclose(p["rgb"]["image"], host[0]["rgb"]["image"])

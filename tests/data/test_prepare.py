@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pickle
 import sys
 
 import numpy as np
 
+from maumjax.data import images
 from maumjax.data import pipeline as pipeline_lib
 from maumjax.data import prepare as prepare_lib
 from maumjax.data import summary
@@ -34,6 +36,11 @@ def test_synthetic_sysu_end_to_end(tmp_path, monkeypatch):
   source = pipeline_lib.open_train_source(prepared.builder)
   meta = pipeline_lib.read_metadata(source)
   np.testing.assert_array_equal(np.unique(meta["label"]), np.arange(meta["label"].max() + 1))
+  # Worker processes receive the source pickled: it reopens from the builder folder.
+  clone = pickle.loads(pickle.dumps(source))
+  assert len(clone) == len(source) == splits["train"].num_examples
+  assert isinstance(clone[5]["image"], bytes) and clone[5]["image"] == source[5]["image"]
+  assert images.decode_image(clone[5]["image"]).shape == (32, 16, 3)
   assert "tensorflow" not in sys.modules
 
 

@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
 import tensorflow_datasets as tfds
 
-from maumjax.data import layouts
+from maumjax.data import layouts, reid_builder
 
 _CITATION = """\
 @inproceedings{wu2017rgb,
@@ -42,36 +40,19 @@ _CITATION = """\
 """
 
 
-class _LocalDatasetInfo(tfds.core.DatasetInfo):
-  """DatasetInfo that skips the GCS lookup of unprepared datasets.
-
-  The lookup cannot succeed for a licence-gated dataset, and TFDS 4.9.10 leaves an empty
-  /tmp/tmp*tfds directory behind on every miss.
-  """
-
-  def initialize_from_bucket(self) -> None:
-    return
-
-
 @dataclasses.dataclass(eq=False)
-class SysuMm01Config(tfds.core.BuilderConfig):
-  """Image size and encoding of a SYSU-MM01 build.
-
-  Attributes:
-    height, width: stored image size (LANCZOS resize of the original).
-    image_format: 'png' (lossless) or 'jpeg' (quality 95, smaller).
-  """
-
-  height: int = 288
-  width: int = 144
-  image_format: str = "png"
+class SysuMm01Config(reid_builder.ImageConfig):
+  """Image size and encoding of a SYSU-MM01 build (see `ImageConfig`)."""
 
 
-class SysuMm01(tfds.core.GeneratorBasedBuilder):
+class SysuMm01(reid_builder.ReidBuilder):
   """SYSU-MM01 with train, query and gallery-pool splits."""
 
   name = "sysu_mm01"
   VERSION = tfds.core.Version("1.0.0")
+  HOMEPAGE = "https://github.com/wuancong/SYSU-MM01"
+  CITATION = _CITATION
+  ARCHIVE = "SYSU-MM01.zip"
   RELEASE_NOTES = {"1.0.0": "Train (train+val ids), query and gallery pool, LANCZOS resized."}
   BUILDER_CONFIGS = [
       SysuMm01Config(name="288x144", description="AGW family input size (default)."),
@@ -89,45 +70,8 @@ For the official gallery sampler, copy rand_perm_cam.mat from evaluation/data_sp
 official repository into exp/.
 """
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    config = self.builder_config
-    return _LocalDatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(
-                shape=(config.height, config.width, 3), encoding_format=config.image_format),
-            "identity": np.int32,
-            "label": np.int32,
-            "camera": np.int32,
-            "modality": tfds.features.ClassLabel(names=["visible", "infrared"]),
-            "path": tfds.features.Text(),
-            "frame": np.int32,
-        }),
-        homepage="https://github.com/wuancong/SYSU-MM01",
-        citation=_CITATION,
-        # Without this TFDS shuffles records by key hash at write time (protocol.md 7.4).
-        disable_shuffling=True,
-    )
-
-  def _split_generators(
-      self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator[tuple[str, dict]]]:
-    try:
-      manual_dir = dl_manager.manual_dir
-    except AssertionError as e:
-      # TFDS's message ("Manual directory X does not exist or is empty. ...") names the path.
-      raise layouts.LayoutError(
-          f"{str(e).split('. ', 1)[0]}; extract SYSU-MM01.zip there or set --manual_dir\n"
-          f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}") from e
+  def _split_records(self, manual_dir: Path) -> tuple[Path, dict[str, list[layouts.Record]]]:
     tree = layouts.scan_sysu_mm01(layouts.find_sysu_root(manual_dir))
     for message in layouts.sysu_count_warnings(tree):
       logging.warning(message)
-    return {split: self._generate_examples(tree.root, layouts.sysu_records(tree, split))
-            for split in layouts.SYSU_SPLITS}
-
-  def _generate_examples(self, root: Path,
-                         records: Sequence[layouts.Record]) -> Iterator[tuple[str, dict]]:
-    config = self.builder_config
-    yield from layouts.encoded_examples(
-        root, records, height=config.height, width=config.width,
-        image_format=config.image_format)
+    return tree.root, {split: layouts.sysu_records(tree, split) for split in layouts.SYSU_SPLITS}
