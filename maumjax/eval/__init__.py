@@ -1,0 +1,1 @@
+"""Evaluation: SYSU-MM01 and RegDB protocols, metrics, pictures."""
