@@ -4,8 +4,9 @@ SYSU-MM01 (protocol.md §1.6-1.8): infrared queries (cams 3, 6) against visible 
 drawn per trial from the test identities' visible images: all-search (cams 1, 2, 4, 5) or
 indoor (cams 1, 2), single-shot (one image per identity and camera) or multi-shot (ten),
 10 trials each. Query features and gallery-pool features are computed once; every trial's
-gallery is a list of rows of the one query-pool distance table, so a trial costs one jitted
-scan (`maumjax.eval.metrics.rank_metrics`) and no extra distances or sorting.
+gallery is a list of rows of the one query-pool distance table, and all trials of a setting are
+ranked in one compiled call (`maumjax.eval.metrics.rank_metrics_batch`), without extra
+distances or sorting.
 
 RegDB (§2.5): visible->thermal and thermal->visible on the test split of one trial.
 
@@ -87,12 +88,12 @@ def sysu_protocol_from_features(query_feats, query_ids, query_cams, pool_feats, 
   q_excl = np.asarray(query_cams) == metrics_lib.SYSU_EXCLUDED[0]
   out = {}
   for setting, trials in galleries.items():
-    out[setting] = [
-        metrics_lib.rank_metrics(dist_rows, rows, query_ids, pool_ids[rows],
-                                 query_excluded=q_excl,
-                                 gallery_excluded=pool_cams[rows] == metrics_lib.SYSU_EXCLUDED[1],
-                                 dedup=True, max_rank=max_rank)
-        for rows in (np.asarray(t) for t in trials)]
+    # One compiled call per setting: every trial of a setting has the same gallery size.
+    rows = np.stack([np.asarray(t) for t in trials])
+    out[setting] = metrics_lib.rank_metrics_batch(
+        dist_rows, rows, query_ids, pool_ids[rows], query_excluded=q_excl,
+        gallery_excluded=pool_cams[rows] == metrics_lib.SYSU_EXCLUDED[1], dedup=True,
+        max_rank=max_rank)
   return out
 
 

@@ -168,3 +168,91 @@ def test_metrics_record_and_errors():
   assert out["r20"] == 1.0 and len(out["cmc"]) == 3
   with pytest.raises(ValueError, match="do not fit"):
     metrics.regdb_metrics(np.zeros((2, 3)), [1], [1, 2, 3])
+
+
+def _pool_problem(rng, num_q, per_id, num_ids, num_trials, shots):
+  """A pool with `per_id` images per identity and trial galleries of `shots` per identity."""
+  pool_ids = np.repeat(np.arange(num_ids), per_id)
+  pool_cams = rng.choice([1, 2, 4, 5], len(pool_ids))
+  q_ids = rng.integers(0, num_ids, num_q)
+  q_cams = rng.choice([3, 6], num_q)
+  d = rng.standard_normal((num_q, len(pool_ids))).astype(np.float32)
+  galleries = np.stack([
+      rng.permutation(np.concatenate([rng.choice(np.flatnonzero(pool_ids == i), shots, False)
+                                      for i in range(num_ids)]))
+      for _ in range(num_trials)])
+  return d, q_ids, q_cams, pool_ids, pool_cams, galleries
+
+
+def _batch(d, q_ids, q_cams, pool_ids, pool_cams, galleries, *, dedup=True):
+  return metrics.rank_metrics_batch(d.T, galleries, q_ids, pool_ids[galleries],
+                                    query_excluded=q_cams == 3,
+                                    gallery_excluded=pool_cams[galleries] == 2, dedup=dedup)
+
+
+@pytest.mark.parametrize("shots", [1, 3, 12])
+def test_batch_equals_brute_force_per_trial(shots):
+  # shots=12: few identity runs per scan chunk (the in-scan identity minima); 1 and 3: many.
+  # Three trials: two concurrent streams, the second padded with a repeated trial.
+  rng = np.random.default_rng(shots)
+  d, q_ids, q_cams, pool_ids, pool_cams, galleries = _pool_problem(rng, 30, 16, 9, 3, shots)
+  for dedup in (True, False):
+    got = _batch(d, q_ids, q_cams, pool_ids, pool_cams, galleries, dedup=dedup)
+    assert len(got) == len(galleries)
+    for rows, result in zip(galleries, got):
+      _check(result, _brute(d[:, rows], q_ids, pool_ids[rows], q_cams, pool_cams[rows],
+                            dedup=dedup))
+      if dedup:
+        single = metrics.rank_metrics(d.T, rows, q_ids, pool_ids[rows],
+                                      query_excluded=q_cams == 3,
+                                      gallery_excluded=pool_cams[rows] == 2, dedup=True)
+        np.testing.assert_array_equal(single.cmc, result.cmc)
+        assert (single.mAP, single.mINP) == (result.mAP, result.mINP)
+
+
+@pytest.mark.parametrize("num_ties", [1, 5, 200])
+def test_a_few_or_many_float_ties_follow_stable_order(num_ties):
+  # Copy positives' distances onto other gallery items: a few ties are corrected one by one,
+  # many take the full stable recount; both must match the stable sort.
+  rng = np.random.default_rng(num_ties)
+  d, q_ids, q_cams, pool_ids, pool_cams, galleries = _pool_problem(rng, 40, 12, 8, 2, 10)
+  for rows in galleries:
+    for _ in range(num_ties):
+      q = rng.integers(len(q_ids))
+      pos = rows[pool_ids[rows] == q_ids[q]]
+      d[q, rng.choice(rows)] = d[q, rng.choice(pos)]
+  for rows, result in zip(galleries, _batch(d, q_ids, q_cams, pool_ids, pool_cams, galleries)):
+    _check(result, _brute(d[:, rows], q_ids, pool_ids[rows], q_cams, pool_cams[rows],
+                          dedup=True))
+
+
+def test_dedup_tie_with_another_identity_best_item():
+  # Another identity's best item at exactly the query's best positive distance: it precedes
+  # the query's identity only if it comes earlier in the gallery.
+  rng = np.random.default_rng(5)
+  d, q_ids, q_cams, pool_ids, pool_cams, galleries = _pool_problem(rng, 20, 12, 6, 1, 12)
+  rows = galleries[0]
+  for q in range(len(q_ids)):
+    pos = rows[(pool_ids[rows] == q_ids[q]) & ~((q_cams[q] == 3) & (pool_cams[rows] == 2))]
+    other = rows[pool_ids[rows] != q_ids[q]]
+    if len(pos):
+      d[q, rng.choice(other)] = d[q, pos].min() - (q % 2)  # half tie, half strictly ahead
+  _check(_batch(d, q_ids, q_cams, pool_ids, pool_cams, galleries)[0],
+         _brute(d[:, rows], q_ids, pool_ids[rows], q_cams, pool_cams[rows], dedup=True))
+
+
+def test_gallery_too_large_for_packed_counts():
+  # 2**15 gallery items and more: the counts no longer share an int32, the stable count runs.
+  rng = np.random.default_rng(9)
+  num_g = 1 << 15
+  d = rng.integers(0, 50, (3, num_g)).astype(np.float32)
+  q_ids, g_ids = np.array([1, 2, 3]), rng.integers(0, 400, num_g)
+  q_cams, g_cams = np.array([3, 6, 3]), rng.choice([1, 2, 4, 5], num_g)
+  _check(metrics.sysu_metrics(d, q_ids, g_ids, q_cams, g_cams),
+         _brute(d, q_ids, g_ids, q_cams, g_cams, dedup=True))
+
+
+def test_batch_rejects_mismatched_shapes():
+  with pytest.raises(ValueError, match="do not fit"):
+    metrics.rank_metrics_batch(np.zeros((5, 2)), np.zeros((2, 3), int), [1, 2], np.zeros((3, 2)),
+                               dedup=True)
