@@ -36,3 +36,11 @@ def test_input_pipeline_benchmark_prints_json(tmp_path):
   result = json.loads(out.strip().splitlines()[-1])
   assert result["benchmark"] == "input_pipeline" and result["batch"] == 8
   assert result["images_per_s"] > 0 and result["height"] == 32
+
+
+def test_evaluation_benchmark_fast_and_naive_agree(tmp_path):
+  out = _run(["experiments.benchmarks.evaluation", "--scale=0.05", "--dim=16", "--trials=2",
+              "--repeats=1"], tmp_path)
+  result = json.loads(out.strip().splitlines()[-1])
+  assert result["benchmark"] == "evaluation_sysu" and result["trials"] == 2
+  assert result["max_abs_diff"] < 1e-5 and result["speedup"] > 0
