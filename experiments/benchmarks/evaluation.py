@@ -16,14 +16,14 @@ and their ratio.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-import subprocess
 import time
 
 import numpy as np
 from absl import app, flags
+
+from experiments.benchmarks import report
 
 _DIM = flags.DEFINE_integer("dim", 2048, "Feature dimension.")
 _TRIALS = flags.DEFINE_integer("trials", 10, "Trials per setting.")
@@ -36,14 +36,6 @@ _SCALE = flags.DEFINE_float("scale", 1.0, "Shrink every count by this factor (sm
 _GALLERY_CAMS = {1: (56, 1374), 2: (56, 1565), 4: (94, 1918), 5: (95, 1918)}
 _QUERY_CAMS = {3: (93, 1883), 6: (96, 1920)}
 _NUM_IDS = 96
-
-
-def _commit() -> str:
-  try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True, check=True, cwd=os.path.dirname(__file__)).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
 
 
 def _folders(rng, cams, scale):
@@ -141,7 +133,7 @@ def main(argv):
       "benchmark": "evaluation_sysu",
       "device": f"{jax.devices()[0].platform}:{os.cpu_count()} cores "
                 f"({platform.processor() or platform.machine()})",
-      "commit": _commit(), "dtype": "float32", "dim": dim, "queries": len(q_ids),
+      "commit": report.commit(), "dtype": "float32", "dim": dim, "queries": len(q_ids),
       "gallery_pool": len(g_ids), "trials": _TRIALS.value,
       "gallery_sizes": {k: int(len(v[0])) for k, v in galleries.items()},
       "fast_s": round(fast_s, 3), "fast_s_min": round(min(times), 3),
@@ -158,10 +150,7 @@ def main(argv):
           worst = max(worst, abs(float(getattr(got, key)) - float(row[key])))
     result.update({"naive_s": round(naive_s, 3), "speedup": round(naive_s / fast_s, 1),
                    "max_abs_diff": worst})
-  width = max(len(k) for k in result)
-  for k, v in result.items():
-    print(f"{k:<{width}}  {v}")
-  print(json.dumps(result))
+  report.emit(result)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,13 @@ default JAX device) to the timed loop, so the two placements can be compared end
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-import subprocess
 import time
 
 from absl import app, flags
+
+from experiments.benchmarks import report
 
 _WORKERS = flags.DEFINE_integer("workers", 0, "Grain worker processes (0: threads only).")
 _THREADS = flags.DEFINE_integer("threads", 2, "Grain read threads.")
@@ -36,14 +36,6 @@ _IDS = flags.DEFINE_integer("synthetic_identities", 40, "Identities of the synth
 _MANUAL = flags.DEFINE_string("manual_dir", "", "Real SYSU-MM01 folder ('' = synthetic).")
 _DEVICE_APPLY = flags.DEFINE_bool("device_apply", False,
                                   "With augment_on=device, also run the jitted augmentation.")
-
-
-def _commit() -> str:
-  try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True, check=True, cwd=os.path.dirname(__file__)).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
 
 
 def main(argv):
@@ -86,7 +78,7 @@ def main(argv):
   result = {
       "benchmark": "input_pipeline",
       "device": f"cpu:{os.cpu_count()} cores ({platform.processor() or platform.machine()})",
-      "commit": _commit(),
+      "commit": report.commit(),
       "height": _HEIGHT.value, "width": _WIDTH.value, "batch": per_step,
       "workers": _WORKERS.value, "threads": _THREADS.value, "augment": _AUG.value,
       "augment_on": cfg.augment_on, "device_apply": apply is not None, "cache": cfg.cache,
@@ -94,10 +86,7 @@ def main(argv):
       "images_per_s": round(_STEPS.value * per_step / elapsed, 1),
       "setup_s": round(setup_s, 2),
   }
-  width = max(len(k) for k in result)
-  for k, v in result.items():
-    print(f"{k:<{width}}  {v}")
-  print(json.dumps(result))
+  report.emit(result)
 
 
 if __name__ == "__main__":
