@@ -34,7 +34,7 @@ BUILDERS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
     "regdb": Regdb,
 }
 FILE_FORMAT = "array_record"
-# TFDS writes into <config>/incomplete.XXXXXX_<version>/ and renames it on success.
+# TFDS writes into <config>/incomplete.<random suffix>_<version>/ and renames it on success.
 _INCOMPLETE_GLOB = "incomplete.*"
 
 PathLike = str | os.PathLike[str]
