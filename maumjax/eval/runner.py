@@ -60,10 +60,6 @@ class Report:
   files: tuple[Path, ...] = ()
 
 
-def _normalise(batch_u8: jax.Array) -> jax.Array:
-  return augment.normalize_jax(batch_u8)
-
-
 def extract_split(extract: Extractor, source, *, batch_size: int = 64,
                   flip: bool = False) -> Split:
   """Runs `extract` over every record of `source` in order.
@@ -79,7 +75,7 @@ def extract_split(extract: Extractor, source, *, batch_size: int = 64,
   Returns:
     Split with float32 features [N, D].
   """
-  normalise = jax.jit(_normalise)
+  normalise = jax.jit(augment.normalize_jax)
   feats, ids, cams, paths = [], [], [], []
   for start in range(0, len(source), batch_size):
     keys = list(range(start, min(start + batch_size, len(source))))
@@ -114,10 +110,8 @@ def _write_outputs(out_dir, name: str, results, record, query: Split, pool: Spli
   curves = {r.setting: np.stack([m.cmc for m in r.trials]) for r in results}
   files.append(plots.plot_cmc(curves, out / f"cmc_{name}.png", title=f"{name} CMC"))
   if num_ranked:
-    g_feats = pool.feats[rows]
-    qn = query.feats / np.linalg.norm(query.feats, axis=1, keepdims=True)
-    gn = g_feats / np.linalg.norm(g_feats, axis=1, keepdims=True)
-    dist = -(qn @ gn.T)
+    # The distances the metrics ranked by, as [query, gallery].
+    dist = np.asarray(metrics_lib.cosine_distance_rows(pool.feats[rows], query.feats)).T
     g_ids, g_cams = pool.ids[rows], pool.cams[rows]
     exclude = ((query.cams[:, None] == metrics_lib.SYSU_EXCLUDED[0])
                & (g_cams[None, :] == metrics_lib.SYSU_EXCLUDED[1])) if exclude_rule else None
