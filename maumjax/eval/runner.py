@@ -3,8 +3,10 @@
     report = runner.run_sysu(extract, builder, root=manual_dir, out_dir=workdir)
     print(report.table)
 
-`extract` is a jitted function from a float32 image batch [B, H, W, 3] (normalised with the
-ImageNet mean and std, the test transform of every reference) to features [B, D]. Batches have
+`extract(images, modality)` is a jitted function from a float32 image batch [B, H, W, 3]
+(normalised with the ImageNet mean and std, the test transform of every reference) and the
+int32 modality of each image [B] (0 visible, 1 infrared; two-stream models route each image
+through its own stem) to features [B, D]. Batches have
 a fixed size (the last one is padded), so it compiles once. Query and gallery-pool features
 are extracted once; every trial only re-ranks (`maumjax.eval.protocol`).
 
@@ -36,7 +38,7 @@ from maumjax.eval import metrics as metrics_lib
 from maumjax.eval import plots
 from maumjax.eval import protocol
 
-Extractor = Callable[[jax.Array], jax.Array]
+Extractor = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,9 +67,9 @@ def extract_split(extract: Extractor, source, *, batch_size: int = 64,
   """Runs `extract` over every record of `source` in order.
 
   Args:
-    extract: jitted image batch -> features function (see the module docstring).
+    extract: jitted (image batch, modality) -> features function (module docstring).
     source: random-access records with 'image' (encoded bytes or uint8 array), 'identity',
-      'camera' and 'path' (e.g. `pipeline.PreparedSource(builder.data_dir, 'query')`).
+      'camera', 'modality' and 'path' (e.g. `pipeline.PreparedSource(builder.data_dir, 'query')`).
     batch_size: fixed batch size; the last batch is padded by repeating its last image.
     flip: test-time augmentation: average the features of each image and its mirror
       (CAJ/DEEN practice; off by default and recorded, protocol.md §3.8).
@@ -83,13 +85,16 @@ def extract_split(extract: Extractor, source, *, batch_size: int = 64,
         [source[i] for i in keys]
     batch = np.stack([r["image"] if isinstance(r["image"], np.ndarray)
                       else images.decode_image(r["image"]) for r in rows])
+    modality = np.array([int(r["modality"]) for r in rows], np.int32)
     n = len(rows)
     if n < batch_size:
       batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - n, axis=0)])
+      modality = np.concatenate([modality, np.repeat(modality[-1:], batch_size - n)])
     x = normalise(jnp.asarray(batch))
-    out = extract(x)
+    m = jnp.asarray(modality)
+    out = extract(x, m)
     if flip:
-      out = (out + extract(x[:, :, ::-1])) / 2
+      out = (out + extract(x[:, :, ::-1], m)) / 2
     feats.append(np.asarray(out)[:n])
     for r in rows:
       ids.append(int(r["identity"]))
@@ -143,7 +148,7 @@ def run_sysu(extract: Extractor, builder, *, root: str | os.PathLike,
   """The SYSU-MM01 protocol for a prepared `sysu_mm01` builder.
 
   Args:
-    extract: jitted image batch -> features function.
+    extract: jitted (image batch, modality) -> features function.
     builder: prepared SYSU-MM01 builder (its `query` and `gallery` splits are used).
     root: the extracted SYSU-MM01 folder (or the manual dir holding it) the builder read;
       the per-trial galleries are drawn from its folder listings, exactly as the references.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -18,19 +19,21 @@ from tests.eval.test_metrics import _brute
 
 H, W, D = 16, 8, 12
 _PROJ = np.random.default_rng(0).standard_normal((H * W * 3, D)).astype(np.float32)
+# Added to infrared images' features, so a runner that passes the wrong modality fails.
+_SHIFT = np.random.default_rng(1).standard_normal(D).astype(np.float32) * 20
 
 
 @jax.jit
-def _extract(x):
-  return x.reshape(x.shape[0], -1) @ _PROJ
+def _extract(x, modality):
+  return x.reshape(x.shape[0], -1) @ _PROJ + modality[:, None].astype(jnp.float32) * _SHIFT
 
 
-def _numpy_features(images_u8):
-  """The same extractor in NumPy, from the stored uint8 images."""
+def _numpy_features(images_u8, modality: int):
+  """The same extractor in NumPy, from the stored uint8 images of one modality."""
   mean = np.asarray(augment.IMAGENET_MEAN, np.float32)
   std = np.asarray(augment.IMAGENET_STD, np.float32)
   x = (images_u8.astype(np.float32) / 255.0 - mean) / std
-  return x.reshape(len(x), -1) @ _PROJ
+  return x.reshape(len(x), -1) @ _PROJ + modality * _SHIFT
 
 
 def _decoded(builder, split):
@@ -60,7 +63,7 @@ def test_run_sysu_equals_independent_recomputation(sysu, tmp_path):
                            out_dir=tmp_path, num_ranked=3)
   q_img, q_ids, q_cams, _ = _decoded(builder, "query")
   g_img, g_ids, g_cams, g_paths = _decoded(builder, "gallery")
-  qf, gf = _numpy_features(q_img), _numpy_features(g_img)
+  qf, gf = _numpy_features(q_img, 1), _numpy_features(g_img, 0)
   qf /= np.linalg.norm(qf, axis=1, keepdims=True)
   gf /= np.linalg.norm(gf, axis=1, keepdims=True)
   where = {p: i for i, p in enumerate(g_paths)}
@@ -94,7 +97,8 @@ def test_flip_tta_is_recorded_and_flip_invariant_features_agree(sysu):
   manual, builder = sysu
 
   @jax.jit
-  def colour_means(x):  # invariant to horizontal flips
+  def colour_means(x, modality):  # invariant to horizontal flips
+    del modality
     return x.mean(axis=(1, 2))
 
   plain = runner.run_sysu(colour_means, builder, root=manual, modes=("all",), shots=(1,),
@@ -116,7 +120,7 @@ def test_run_regdb_both_directions(tmp_path):
   report = runner.run_regdb(_extract, builder, out_dir=tmp_path / "out", num_ranked=2)
   v_img, v_ids, _, _ = _decoded(builder, "test_visible")
   t_img, t_ids, _, _ = _decoded(builder, "test_thermal")
-  vf, tf = _numpy_features(v_img), _numpy_features(t_img)
+  vf, tf = _numpy_features(v_img, 0), _numpy_features(t_img, 1)
   vf /= np.linalg.norm(vf, axis=1, keepdims=True)
   tf /= np.linalg.norm(tf, axis=1, keepdims=True)
   res = {r.setting: r.trials[0] for r in report.results}

@@ -19,14 +19,18 @@ def _run(args: list[str], cache: Path) -> str:
   return proc.stdout
 
 
-def test_maum_entry_prepares_data_and_prints_a_batch(tmp_path):
-  out = _run(["experiments.maum", "--config.data.synthetic.num_identities=8",
-              "--config.data.synthetic.images_per_camera=2", "--config.data.height=32",
-              "--config.data.width=16", "--config.data.pipeline.num_identities=2",
-              "--config.data.pipeline.num_instances=2"], tmp_path)
-  assert "sysu_mm01 (synthetic) config 32x16" in out
-  assert "rgb image (4, 32, 16, 3) float32" in out
+def test_maum_trains_and_evaluate_restores_the_run(tmp_path):
+  workdir = tmp_path / "run"
+  out = _run(["experiments.maum", "--config=experiments/configs/maum.py:smoke",
+              f"--workdir={workdir}"], tmp_path)
+  assert f"workdir: {workdir}" in out and "all/single" in out and "indoor/multi" in out
+  saved = json.loads((workdir / "metrics.json").read_text())
+  assert saved["run"]["synthetic_data"] and saved["run"]["steps"] > 0
   assert (tmp_path / "synthetic").is_dir() and (tmp_path / "tfds").is_dir()
+  out = _run(["experiments.evaluate", f"--workdir={workdir}", "--trials=2"], tmp_path)
+  assert "all/single" in out
+  again = json.loads(next(workdir.glob("eval_step*/metrics.json")).read_text())
+  assert again["summary"] == saved["summary"]  # same checkpoint, same protocol
 
 
 def test_input_pipeline_benchmark_prints_json(tmp_path):

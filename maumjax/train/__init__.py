@@ -1,0 +1,1 @@
+"""Training: train state, optimiser recipe, data-parallel step, checkpoints, logs, loop."""

@@ -1,0 +1,151 @@
+"""The training loop end to end on tiny synthetic data: outputs, resume, non-finite stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.configs import maum as maum_configs
+from maumjax.train import checkpoint as checkpoint_lib
+from maumjax.train import evaluation
+from maumjax.train import loop
+from maumjax.train import writers
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  """One synthetic dataset and TFDS build for the whole module (MAUMJAX_CACHE)."""
+  path = tmp_path_factory.mktemp("maumjax_cache")
+  old = os.environ.get("MAUMJAX_CACHE")
+  os.environ["MAUMJAX_CACHE"] = str(path)
+  yield path
+  if old is None:
+    os.environ.pop("MAUMJAX_CACHE")
+  else:
+    os.environ["MAUMJAX_CACHE"] = old
+
+
+def _config(**train):
+  config = maum_configs.get_config("smoke")
+  config.train.update(**train)
+  return config
+
+
+def _final_params(workdir):
+  with checkpoint_lib.Checkpointer(workdir) as ckpt:
+    meta = ckpt.read_meta()
+    raw = ckpt.restore_arrays()
+  return meta, jax.tree.map(np.asarray, raw["params"])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cache, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  result = loop.train_and_evaluate(_config(), workdir)
+  return workdir, result
+
+
+def test_run_writes_checkpoints_logs_and_metrics(uninterrupted):
+  workdir, result = uninterrupted
+  saved = json.loads((workdir / "metrics.json").read_text())
+  assert saved["summary"] == result["summary"]
+  assert set(saved["summary"]) == {"all/single", "all/multi", "indoor/single", "indoor/multi"}
+  for setting in saved["summary"].values():
+    assert 0.0 <= setting["r1"] <= 100.0 and 0.0 < setting["mAP"] <= 100.0
+  run = saved["run"]
+  assert run["steps"] == run["epochs"] * run["steps_per_epoch"]
+  train_rows = writers.read_log(workdir, "train")
+  assert [r["step"] for r in train_rows] == list(range(1, run["steps"] + 1))  # log_every=1
+  assert all(np.isfinite(r["loss"]) and r["images_per_s"] >= 0 for r in train_rows)
+  # The cross-modality terms join at epoch 1 (uni_start_epoch=1), weighted 0 before.
+  assert "ir_to_rgb_parts" in train_rows[0]
+  assert writers.read_log(workdir, "final")
+  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  assert (workdir / "eval" / "eval_sysu_mm01.json").exists()
+  with checkpoint_lib.Checkpointer(workdir) as ckpt:
+    assert ckpt.latest_step() == run["steps"]
+  assert json.loads((workdir / "config.json").read_text())["preset"] == "smoke"
+
+
+def test_stop_and_resume_gives_the_same_parameters(uninterrupted, cache, tmp_path):
+  ref_dir, ref = uninterrupted
+  steps = ref["run"]["steps"]
+  first = loop.train_and_evaluate(_config(), tmp_path, max_steps=steps // 2 + 1)
+  assert first == {"stopped_at_step": steps // 2 + 1, "total_steps": steps}
+  resumed = loop.train_and_evaluate(_config(), tmp_path)
+  _, params = _final_params(tmp_path)
+  _, ref_params = _final_params(ref_dir)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+    np.testing.assert_array_equal(a, b)
+  assert resumed["summary"] == ref["summary"]
+
+
+def test_resume_with_a_different_config_is_refused(uninterrupted):
+  workdir, _ = uninterrupted
+  config = _config()
+  config.loss.memory_size = 3
+  with pytest.raises(ValueError, match="different config"):
+    loop.train_and_evaluate(config, workdir)
+
+
+def test_killed_process_resumes_to_the_uninterrupted_result(uninterrupted, cache, tmp_path):
+  """SIGKILL a real `python -m experiments.maum` run once it has a checkpoint, then resume."""
+  ref_dir, ref = uninterrupted
+  cmd = [sys.executable, "-m", "experiments.maum", "--config=experiments/configs/maum.py:smoke",
+         f"--workdir={tmp_path}", "--config.train.checkpoint_every_steps=3"]
+  env = dict(os.environ, MAUMJAX_CACHE=str(cache))
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE)
+  ckpt_dir = tmp_path / "checkpoints"
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    # Orbax writes into a temporary folder and renames it to the bare step number when done.
+    if any(d.name.isdigit() for d in ckpt_dir.glob("*")):
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, (
+      f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}")
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  with checkpoint_lib.Checkpointer(tmp_path) as ckpt:
+    killed_at = ckpt.latest_step()
+  assert killed_at is not None and killed_at < ref["run"]["steps"]
+  done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  _, params = _final_params(tmp_path)
+  _, ref_params = _final_params(ref_dir)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cache, tmp_path):
+  config = _config(checkpoint_every_steps=1)
+  config.optim.lr = 1e30  # the first update makes the parameters overflow
+  with pytest.raises(loop.NonFiniteLossError, match=r"non-finite loss at step (\d+)") as err:
+    loop.train_and_evaluate(config, tmp_path)
+  bad_step = int(err.value.args[0].split("at step ")[1].split()[0])
+  with checkpoint_lib.Checkpointer(tmp_path) as ckpt:
+    last = ckpt.latest_step()
+  assert last == bad_step - 1 if bad_step > 1 else last is None
+  if last is not None:
+    _, params = _final_params(tmp_path)
+    assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(params))
+    assert f"checkpoint is step {last}" in str(err.value)
+
+
+def test_evaluate_workdir_reproduces_the_final_metrics(uninterrupted):
+  workdir, ref = uninterrupted
+  result = evaluation.evaluate_workdir(workdir)
+  assert result["summary"] == ref["summary"]
+  assert Path(result["out_dir"], "metrics.json").exists()
