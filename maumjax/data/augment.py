@@ -148,6 +148,10 @@ PRESETS: dict[str, AugmentConfig] = {
   # Test-time equivalent: only normalisation.
   "none": AugmentConfig(pad=0, flip_p=0.0),
   "agw": AugmentConfig(),
+  # AGW's pad-crop-flip with the pad scaled to small inputs (engineering default): 10 px at
+  # 288x144 is 7% of the width, so 2 px at 64x32. The CPU demos use it; the full pad shifts a
+  # 32-px-wide image by up to a third of its width.
+  "agw_small": AugmentConfig(pad=2),
   # CAJ views (protocol.md §4.3); MMM uses the same three.
   "caj_visible": AugmentConfig(erase_p=0.5, **_CRE),
   "caj_visible_exchange": AugmentConfig(erase_p=0.5, channel_mode="exchange", **_CRE),

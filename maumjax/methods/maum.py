@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax
@@ -142,9 +141,10 @@ def model_from_config(model_cfg: dict[str, Any]) -> reid_lib.ReidNet:
   return reid_lib.ReidNet(**kwargs)
 
 
-def head_dims(model: reid_lib.ReidNet, variables) -> dict[str, tuple[int, int]]:
+def head_dims(model: reid_lib.ReidNet, variables,
+              image_shape: tuple[int, int]) -> dict[str, tuple[int, int]]:
   """(heads, width) per head group, read from a forward pass's shapes."""
-  shape = (1, 32, 16, 3)
+  shape = (1, *image_shape, 3)
   out = jax.eval_shape(lambda v: model.apply(v, jnp.zeros(shape), jnp.zeros(shape),
                                              train=False), variables)
   return {g: (o["bn"].shape[1], o["bn"].shape[2]) for g, o in out.items()}
@@ -188,7 +188,7 @@ def init(config: dict[str, Any], *, num_classes: int, image_shape: tuple[int, in
 
     variables, report = weights.load_backbone(variables, config["model"]["pretrained"],
                                               model=model)
-  dims = head_dims(model, variables)
+  dims = head_dims(model, variables, image_shape)
   proxies = {}
   for g, (heads, width) in dims.items():
     keys = jax.random.split(jax.random.fold_in(key_proxy, len(proxies)), 3)
@@ -350,4 +350,4 @@ def make_embed(setup: Setup):
 
 def variables_of(state: state_lib.TrainState) -> dict[str, Any]:
   """The model's inference variables from a train state."""
-  return flax.core.freeze({"params": state.params["model"], "batch_stats": state.batch_stats})
+  return {"params": state.params["model"], "batch_stats": state.batch_stats}
