@@ -23,7 +23,7 @@ STEPS = 3
 def _config(**loss):
   config = maum_configs.get_config("smoke").to_dict()
   config["loss"].update(uni_start_epoch=1, memory_size=2, **loss)
-  config["optim"].update(warmup_epochs=0, lr=0.05)
+  config["optim"].update(warmup_epochs=0, lr=0.02, backbone_lr_mult=0.1)
   return config
 
 
