@@ -295,10 +295,13 @@ def make_train_step(setup: Setup, *, steps_per_epoch: int, pipeline: pipeline_li
     labels_ir = parallel.gather(batch["ir"]["label"].astype(jnp.int32), axis_name)
     memory = state.memory
     if loss.uses_memory:  # fill the banks with the current proxies when phase 2 starts
-      fresh = {g: memory_lib.fill_bank(m, state.params["proxies"][g]["rgb"],
-                                       state.params["proxies"][g]["ir"])
-               for g, m in memory.items()}
-      memory = jax.tree.map(lambda f, m: jnp.where(state.step == start_step, f, m), fresh, memory)
+      def fill(banks):
+        return {g: memory_lib.fill_bank(m, state.params["proxies"][g]["rgb"],
+                                        state.params["proxies"][g]["ir"])
+                for g, m in banks.items()}
+
+      # A cond, not a select: the fill runs on one step of the run, not on every step.
+      memory = jax.lax.cond(state.step == start_step, fill, lambda banks: banks, memory)
     uni_weight = jnp.where(state.step >= start_step, loss.w_uni, 0.0)
 
     def loss_fn(params):

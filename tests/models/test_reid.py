@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from maumjax.models import MODALITY_IR, MODALITY_RGB, ReidNet
+from tests.models.test_resnet import _random_variables
 
 H, W = 64, 32  # tiny arch: final map 4 x 2 with last stride 1
 SMALL = {"arch": "tiny", "num_parts": 2, "part_dim": 8}
@@ -15,30 +16,6 @@ SMALL = {"arch": "tiny", "num_parts": 2, "part_dim": 8}
 
 def _images(seed, n):
   return jax.random.normal(jax.random.key(seed), (n, H, W, 3))
-
-
-def _random_variables(model, *args, seed=0, **kwargs):
-  """Variables with `model.init`'s structure and random values, built without running init.
-
-  Real init compiles every initializer (seconds on CPU); shapes from `eval_shape` plus NumPy
-  values are instant. BN statistics and affine parameters are random, so eval-mode BN is not
-  the identity.
-  """
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs))
-  rng = np.random.default_rng(seed)
-  def leaf(path, s):
-    name = path[-1].key
-    if name == "var":
-      value = rng.uniform(0.5, 2.0, s.shape)
-    elif name == "scale":
-      value = rng.uniform(0.5, 1.5, s.shape)
-    elif name in ("mean", "bias"):
-      value = rng.normal(0.0, 0.2, s.shape)
-    else:  # kernels, He-normal over the input fan so activations stay O(1)
-      fan_in = s.shape[-2] if len(s.shape) == 3 else np.prod(s.shape[:-1])
-      value = rng.normal(0.0, np.sqrt(2.0 / fan_in), s.shape)
-    return jnp.asarray(value, s.dtype)
-  return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
 @pytest.fixture(scope="module")
