@@ -1,21 +1,24 @@
 """Loss functions: pure, typed with jax.Array, keyword-only hyperparameters.
 
 Modules:
-  proxy     Circle / normalised-softmax proxy metrics and the MAUM terms (shared, MS, uni).
+  metric    base metrics: Circle loss and normalised softmax, per row and against proxies.
+  proxy     the MAUM terms built on them (shared, MS-proxy, unidirectional with memory).
   triplet   AGW batch-hard triplet loss.
   identity  label-smoothed softmax cross-entropy.
 """
 
 from maumjax.losses.identity import softmax_cross_entropy
-from maumjax.losses.proxy import (
+from maumjax.losses.metric import (
   METRICS,
   circle_loss,
   head_proxy_metric,
   l2_normalize,
-  memory_refs,
-  ms_proxy_loss,
   norm_softmax_loss,
   proxy_metric,
+)
+from maumjax.losses.proxy import (
+  memory_refs,
+  ms_proxy_loss,
   shared_proxy_loss,
   unidirectional_loss,
 )

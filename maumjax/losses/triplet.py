@@ -18,7 +18,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from maumjax.losses.proxy import l2_normalize
+from maumjax.losses.metric import l2_normalize
 
 _SQ_EPS = 1e-12  # AGW's clamp(min=1e-12) on squared distances
 
