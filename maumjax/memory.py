@@ -25,7 +25,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from maumjax.losses.proxy import l2_normalize
+from maumjax.losses.metric import l2_normalize
 
 MODES = ("fifo", "ema")
 
