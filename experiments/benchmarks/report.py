@@ -9,9 +9,11 @@ from typing import Any
 
 
 def commit() -> str:
-  """Short hash of the checked-out commit, or 'unknown' outside a git checkout."""
+  """Short hash of the checked-out commit (with '-dirty' when tracked files were changed), or
+  'unknown' outside a git checkout."""
   try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+    return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"],
+                          capture_output=True,
                           text=True, check=True, cwd=os.path.dirname(__file__)).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
     return "unknown"

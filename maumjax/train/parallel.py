@@ -108,10 +108,18 @@ class CompiledStep:
     """Places a host/unreplicated state for this mode (copies, so donation is safe)."""
     state = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
     if self.mode == "pmap":
-      return jax_utils.replicate(state)
+      # Stacked over the local devices with the sharding pmap gives its outputs, so the state
+      # returned by step 1 is placed like the state passed in and step 2 does not recompile.
+      n = jax.local_device_count()
+      return jax.device_put(jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), state),
+                            self._pmap_sharding())
     if self.mode == "shard_map":
       return jax.device_put(state, NamedSharding(self.mesh, P()))
     return state
+
+  def _pmap_sharding(self) -> NamedSharding:
+    """Leading axis split over the local devices: how pmap lays out its outputs."""
+    return NamedSharding(make_mesh(jax.local_devices()), P(DATA_AXIS))
 
   def get_state(self, state):
     """The unreplicated state (inverse of `put_state`)."""
@@ -130,7 +138,9 @@ class CompiledStep:
                        "devices; make P*K (pipeline num_identities x num_instances) divisible "
                        "by the device count")
     if self.mode == "pmap":
-      return jax.tree.map(lambda x: np.reshape(x, (self.devices, -1) + np.shape(x)[1:]), batch)
+      return jax.device_put(
+        jax.tree.map(lambda x: np.reshape(x, (self.devices, -1) + np.shape(x)[1:]), batch),
+        self._pmap_sharding())
     if self.mode == "shard_map":
       sharding = NamedSharding(self.mesh, P(DATA_AXIS))
       if jax.process_count() > 1:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import maum as maum_configs
+from maumjax import compilation_cache
 from maumjax.data import pipeline as pipeline_lib
 from maumjax.methods import maum
 from maumjax.train import parallel
@@ -87,11 +88,31 @@ def test_four_devices_match_one_device(mode):
   assert not np.allclose(single.memory["parts"].rgb[0], single.memory["parts"].rgb[1])
 
 
-@pytest.mark.parametrize("mode", ["none", "shard_map"])
+@pytest.mark.parametrize("mode", ["none", "shard_map", "pmap"])
 def test_train_step_compiles_once(mode):
   """Five steps (phase switch and bank fill included) trace and compile the step once."""
-  _run(mode, _config(), _batches(num=5))
-  assert _run.last.step._cache_size() == 1
+  batches = _batches(num=5)
+  state, _ = _run(mode, _config(), batches[:1])
+  compiled = _run.last
+  state = compiled.put_state(state)
+  with compilation_cache.count_compilations() as seen:
+    for batch in batches[1:]:
+      state, metrics = compiled(state, compiled.put_batch(batch))
+      compiled.get_metrics(metrics)
+  assert seen.count == 0
+  if mode != "pmap":
+    assert compiled.step._cache_size() == 1
+
+
+def test_compilation_counter_sees_a_retrace():
+  """The counter can fail: a new input shape is a new program."""
+  f = jax.jit(lambda x: x * 2)
+  f(np.ones(3, np.float32))
+  with compilation_cache.count_compilations() as seen:
+    f(np.ones(3, np.float32))
+    assert seen.count == 0
+    f(np.ones(4, np.float32))
+  assert seen.count == 1
 
 
 def test_without_gathering_the_result_would_differ():
