@@ -125,8 +125,10 @@ def _synthetic(config: ml_collections.ConfigDict) -> None:
   config.model.update(arch="tiny", num_parts=4, part_dim=64)
   config.num_epochs = 24
   # From scratch, so the backbone trains at the head's lr (the 0.1 factor is for ImageNet
-  # weights); warm-up, phase switch and decay keep the recipe's shape on a short schedule.
-  config.optim.update(backbone_lr_mult=1.0, warmup_epochs=4, decay_epochs=(16, 22))
+  # weights), and both at 0.01: at the recipe's 0.1 the tiny model underfits (Circle loss barely
+  # falls) and the rows' ranking changes from seed to seed. Warm-up, phase switch and decay keep
+  # the recipe's shape on a short schedule.
+  config.optim.update(lr=0.01, backbone_lr_mult=1.0, warmup_epochs=4, decay_epochs=(16, 22))
   config.loss.update(uni_start_epoch=4)
   config.train.update(log_every=10, checkpoint_every_epochs=4, eval_every_epochs=8)
   config.eval.update(batch_size=128, num_ranked=6)
