@@ -2,7 +2,7 @@
 
   python -m experiments.benchmarks.train_step [--arch=resnet50] [--height=288 --width=144] \
       [--batches=64,128,256] [--dtypes=float32,bfloat16] [--steps=20 --warmup=5] \
-      [--torch [--torch_compile=off|on|both]] [--out=results.jsonl]
+      [--torch [--torch_compile=off|on|both]] [--profile_steps=5] [--out=results.jsonl]
 
   # CPU-sized (tiny ResNet; 4 parts fit the 4-row feature map of a 64x32 input). On a CPU
   # shared with other work, pin the run (taskset -c 0): torch's OpenMP threads slow down by
@@ -37,6 +37,11 @@ backend has none, as on CPU, which reports the process's max RSS instead) and wh
 compilation happened after the first call (`recompiled`, from JAX's compile events and the
 jitted function's cache size). `--torch` also runs `torch_reference.run` on the same sizes in
 the same process (before JAX allocates) and adds `torch_images_per_s` and `ratio_vs_torch`.
+
+`--profile_steps=N` traces N more steps after the timed ones with `jax.profiler.trace` (into
+`--profile_dir`, default a new temporary folder) and adds `profile` (device busy/idle time per
+step and the costliest XLA operations and kernels, from `profile_summary.summarize`) and
+`profile_file` (the `.xplane.pb`, for TensorBoard / XProf) to the result.
 
 Each combination runs in its own subprocess when there are several (`--isolate`, default), so
 peak memory and compile time belong to that combination alone and an out-of-memory failure
@@ -119,6 +124,11 @@ def define_flags() -> None:
                     "are several.")
   flags.DEFINE_string("out", "", "Append each result as a JSON line to this file.")
   flags.DEFINE_integer("seed", 0, "Seed of the parameters and the synthetic batch.")
+  flags.DEFINE_integer("profile_steps", 0,
+                       "After timing, trace this many more steps with jax.profiler and attach "
+                       "profile_summary.summarize's busy time and costliest operations (0: off).")
+  flags.DEFINE_string("profile_dir", "", "Where the trace goes ('' = a new temporary folder); "
+                      "the .xplane.pb path is reported as profile_file.")
 
 
 def parse_list(text: str, cast=str) -> list[Any]:
@@ -275,8 +285,14 @@ def _cache_size(fn) -> int | None:
 def measure_jax(*, arch: str, height: int, width: int, dtype: str, batch: int,
                 num_classes: int, num_instances: int, num_parts: int, part_dim: int,
                 parallel_mode: str, augment_on: str, steps: int, warmup: int,
-                seed: int = 0) -> dict[str, Any]:
-  """Compiles and times the MAUM train step once; returns the JAX side of a result."""
+                seed: int = 0, profile_steps: int = 0,
+                profile_dir: str = "") -> dict[str, Any]:
+  """Compiles and times the MAUM train step once; returns the JAX side of a result.
+
+  With `profile_steps > 0`, that many more steps run inside `jax.profiler.trace` after the
+  timed ones (so tracing never slows the timed steps); the result gains `profile` (the
+  `profile_summary.summarize` dict) and `profile_file`.
+  """
   import jax
 
   from maumjax import compilation_cache
@@ -327,6 +343,9 @@ def measure_jax(*, arch: str, height: int, width: int, dtype: str, batch: int,
   cache_after = _cache_size(compiled.step)
   recompiled = later.count > 0 or (cache_after is not None and cache_after_first is not None
                                    and cache_after > cache_after_first)
+  profile = None
+  if profile_steps > 0:
+    dstate, metrics, profile = _profile(compiled, dstate, dbatch, profile_steps, profile_dir)
   values = compiled.get_metrics(metrics)
   terms = sorted(k for k in values if k not in ("loss", "finite", "grad_norm"))
 
@@ -358,8 +377,34 @@ def measure_jax(*, arch: str, height: int, width: int, dtype: str, batch: int,
       "loss": round(values["loss"], 5), "finite": values["finite"] == 1.0,
       "loss_terms": terms, "parallel": compiled.mode, "devices": compiled.devices,
   }
+  if profile is not None:
+    result.update(profile)
   del dstate, dbatch, compiled, executable, lowered
   return result
+
+
+def _profile(compiled, dstate, dbatch, steps: int, profile_dir: str):
+  """Traces `steps` steps; returns (state, metrics, {'profile': summary, 'profile_file': path})."""
+  import glob
+  import tempfile
+
+  import jax
+
+  from experiments.benchmarks import profile_summary
+
+  directory = profile_dir or tempfile.mkdtemp(prefix="maumjax_profile_")
+  before = set(glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True))
+  with jax.profiler.trace(directory):
+    for _ in range(steps):
+      dstate, metrics = compiled(dstate, dbatch)
+    jax.block_until_ready((dstate, metrics))
+  new = sorted(set(glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True))
+               - before, key=os.path.getmtime)
+  if not new:
+    raise RuntimeError(f"jax.profiler.trace wrote no .xplane.pb under {directory}")
+  summary = profile_summary.summarize(new[-1], steps=steps)
+  print(profile_summary.format_summary(summary))
+  return dstate, metrics, {"profile": summary, "profile_file": new[-1]}
 
 
 def _torch_device(requested: str) -> str:
@@ -400,7 +445,8 @@ def run_combination(dtype: str, batch: int) -> dict[str, Any]:
             "compilation_cache": FLAGS.compilation_cache}
   result.update(measure_jax(**sizes, **model, parallel_mode=FLAGS.parallel,
                             augment_on=FLAGS.augment_on, steps=FLAGS.steps,
-                            warmup=FLAGS.warmup, seed=FLAGS.seed))
+                            warmup=FLAGS.warmup, seed=FLAGS.seed,
+                            profile_steps=FLAGS.profile_steps, profile_dir=FLAGS.profile_dir))
   result["host_cpus"] = host_cpus()
   if sys.platform.startswith("linux"):  # ru_maxrss is in KiB on Linux
     result["host_max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -215,7 +215,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *,
           "num_classes": num_classes, "dataset": prepared.name,
           "synthetic_data": prepared.synthetic,
           "pretrained_sha256": getattr(setup.load_report, "sha256", None),
-          "backend": jax.default_backend(),
+          "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
       },
   }
   if is_main:
