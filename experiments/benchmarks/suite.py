@@ -116,7 +116,10 @@ def plan(section: str, out_dir: Path, *, smoke: bool, threads: int,
   """The commands of one section (module docstring), at GPU sizes or, with smoke, CPU sizes."""
   results = str(out_dir / "results.jsonl")
   step = ["experiments.benchmarks.train_step", *_step_args(smoke), f"--out={results}"]
-  batches = (lambda full, small: f"--batches={small if smoke else full}")
+
+  def batches(full: str, small: str) -> str:
+    return f"--batches={small if smoke else full}"
+
   if section == "env":
     return [Command(section, _py("experiments.benchmarks.suite", "--env_only"))]
   if section == "step_bf16":

@@ -84,7 +84,10 @@ def memory_list(proxies_h, bank_h):
 
 def problem(seed=0, *, n_rgb=6, n_ir=5, heads=3, classes=4, dim=8, bank=2):
   rng = np.random.default_rng(seed)
-  f = lambda *s: rng.normal(size=s).astype(np.float32)
+
+  def f(*s):
+    return rng.normal(size=s).astype(np.float32)
+
   return {
     "feats_rgb": f(n_rgb, heads, dim), "labels_rgb": rng.integers(0, classes, n_rgb),
     "feats_ir": f(n_ir, heads, dim), "labels_ir": rng.integers(0, classes, n_ir),

@@ -102,7 +102,9 @@ def test_circle_grad_matches_finite_differences_with_frozen_alpha():
   pos = np.zeros((3, 5), bool)
   pos[:, :2] = True
   with jax.enable_x64(True):
-    loss = lambda s: _circle(s, jnp.asarray(pos), gamma=gamma, margin=margin).sum()
+    def loss(s):
+      return _circle(s, jnp.asarray(pos), gamma=gamma, margin=margin).sum()
+
     grad = np.asarray(jax.jit(jax.grad(loss))(jnp.asarray(sim0, jnp.float64)))
   assert grad.dtype == np.float64
   numeric = np.zeros_like(sim0)
