@@ -115,6 +115,48 @@ def test_torch_reference_matches_the_maumjax_model_and_runs():
 
 
 @pytest.mark.torch
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_torchvision_backbone_gets_last_stride_one(arch, monkeypatch):
+  """The torchvision branch (used where torchvision is installed, as on the GPU image).
+
+  torchvision is not installable on the CPU machines, so a stand-in module serves
+  `torchvision.models.<arch>(weights=None)`: the built-in torchvision-layout ResNet with
+  torchvision's own last stride 2, which `build_model` must change to 1 in place.
+  """
+  torch = pytest.importorskip("torch", exc_type=ImportError)
+  import types
+
+  monkeypatch.setitem(sys.modules, "torchvision", None)
+  builtin, _ = torch_reference.build_model(arch, num_parts=2, part_dim=8, num_classes=4,
+                                           last_stride=1)
+  assert builtin.source == "builtin"
+
+  # Built before the stand-in is installed; the two-stream model asks for two backbones.
+  stride2 = [torch_reference.build_model(arch, num_parts=2, part_dim=8, num_classes=4,
+                                         last_stride=2)[0] for _ in range(2)]
+
+  def torchvision_like(weights=None):
+    assert weights is None
+    net = stride2.pop()
+    stem, trunk = net.rgb, net.shared
+    return types.SimpleNamespace(conv1=stem[0], bn1=stem[1], relu=stem[2], maxpool=stem[3],
+                                 layer1=trunk[0], layer2=trunk[1], layer3=trunk[2],
+                                 layer4=trunk[3])
+
+  fake = types.ModuleType("torchvision")
+  fake.models = types.SimpleNamespace(**{arch: torchvision_like})
+  monkeypatch.setitem(sys.modules, "torchvision", fake)
+  net, _ = torch_reference.build_model(arch, num_parts=2, part_dim=8, num_classes=4,
+                                       last_stride=1)
+  assert net.source == "torchvision" and not stride2
+  x = torch.zeros(1, 3, 64, 32)
+  with torch.no_grad():
+    got = net.shared(net.rgb(x)).shape
+    want = builtin.shared(builtin.rgb(x)).shape
+  assert got == want and got[-2:] == (4, 2)  # stride 16, not 32
+
+
+@pytest.mark.torch
 def test_train_step_benchmark_with_torch_reports_the_ratio(tmp_path):
   pytest.importorskip("torch", exc_type=ImportError)
   result = _run(["--torch", "--dtypes=bfloat16"], tmp_path)
