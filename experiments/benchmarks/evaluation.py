@@ -133,6 +133,7 @@ def main(argv):
       "benchmark": "evaluation_sysu",
       "device": f"{jax.devices()[0].platform}:{os.cpu_count()} cores "
                 f"({platform.processor() or platform.machine()})",
+      "device_kind": jax.devices()[0].device_kind, "platform": jax.default_backend(),
       "commit": report.commit(), "dtype": "float32", "dim": dim, "queries": len(q_ids),
       "gallery_pool": len(g_ids), "trials": _TRIALS.value,
       "gallery_sizes": {k: int(len(v[0])) for k, v in galleries.items()},
