@@ -33,6 +33,9 @@ def main(argv):
     raise app.UsageError(f"config.method={config.method!r}; this entry point trains 'maum'")
   logging.set_verbosity(logging.WARNING)  # TFDS logs every shard it writes at INFO
   compilation_cache.enable()
+  if config.distributed and not _WORKDIR.value:
+    raise app.UsageError("a multi-process run (config.distributed=True) needs --workdir, the "
+                         "same folder for every process")
   workdir = _WORKDIR.value or str(
       prepare.cache_root() / "runs" / f"maum-{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
   print(f"workdir: {workdir}")

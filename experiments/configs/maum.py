@@ -96,7 +96,12 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   config.preset = preset
   config.seed = 0
   config.parallel = "shard_map"  # 'shard_map' | 'pmap' | 'none' (one device)
-  config.distributed = False  # call jax.distributed.initialize() (multi-host launch)
+  config.distributed = False  # call jax.distributed.initialize() (multi-process launch)
+  # Where no cluster is detected (SLURM, Open MPI, Kubernetes, TPU pods do it): the coordinator's
+  # host:port, the process count and this process's id; '' / 0 / -1 leave them to detection.
+  config.coordinator_address = ""
+  config.num_processes = 0
+  config.process_id = -1
   config.num_epochs = 81
   config.model = _model()
   config.loss = _loss()

@@ -72,12 +72,20 @@ class Checkpointer:
     return out["state"], out["meta"]
 
   def restore_arrays(self, step: int | None = None) -> dict[str, Any]:
-    """The saved state as a plain nested dict of arrays (no target structure needed)."""
+    """The saved state as a plain nested dict of arrays (no target structure needed).
+
+    The arrays land on this process's first device, whatever devices and processes wrote
+    them (a checkpoint of a 2-process run reads on one machine).
+    """
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint under {self.directory}")
+    metadata = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state")
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            metadata, is_leaf=lambda m: hasattr(m, "shape"))
     return self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))["state"]
+        state=ocp.args.StandardRestore(abstract)))["state"]
 
   def read_meta(self, step: int | None = None) -> dict[str, Any]:
     """The JSON metadata of a checkpoint, without restoring the state."""

@@ -49,7 +49,7 @@ def _as_dict(config) -> dict[str, Any]:
   return json.loads(json.dumps(config.to_dict() if hasattr(config, "to_dict") else config))
 
 
-def _check_resume_config(workdir: Path, config: dict[str, Any]) -> None:
+def _check_resume_config(workdir: Path, config: dict[str, Any], *, write: bool = True) -> None:
   path = workdir / "config.json"
   if path.exists():
     old = json.loads(path.read_text())
@@ -57,7 +57,42 @@ def _check_resume_config(workdir: Path, config: dict[str, Any]) -> None:
     if changed:
       raise ValueError(f"{workdir} holds a run with a different config (sections {changed} "
                        f"differ from {path}); resume with the same config or use a new --workdir")
-  path.write_text(json.dumps(config, indent=1, sort_keys=True))
+  if write:
+    path.write_text(json.dumps(config, indent=1, sort_keys=True))
+
+
+def _main_first(tag: str, fn):
+  """Runs `fn` on process 0 first, then, after a barrier, on the other processes.
+
+  For work on shared files (the dataset build, config.json): on a shared filesystem the others
+  then find process 0's result instead of racing it; on per-host disks each host still builds
+  its own copy. One process: just `fn()`.
+  """
+  if jax.process_count() == 1:
+    return fn()
+  from jax.experimental import multihost_utils
+
+  result = fn() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices(f"maumjax:{tag}")
+  return result if jax.process_index() == 0 else fn()
+
+
+def initialize_distributed(config: dict[str, Any]) -> None:
+  """`jax.distributed.initialize` with the config's coordinator settings (where set).
+
+  Unset fields ('' / 0 / -1) are left to JAX's cluster detection. Does nothing when JAX's
+  distributed system is already up (a caller initialised it).
+  """
+  if jax.distributed.is_initialized():
+    return
+  kwargs = {}
+  if config.get("coordinator_address"):
+    kwargs["coordinator_address"] = config["coordinator_address"]
+  if config.get("num_processes", 0) > 0:
+    kwargs["num_processes"] = config["num_processes"]
+  if config.get("process_id", -1) >= 0:
+    kwargs["process_id"] = config["process_id"]
+  jax.distributed.initialize(**kwargs)
 
 
 def prepare(config: dict[str, Any]):
@@ -86,10 +121,11 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *,
   workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   if config.get("distributed"):
-    jax.distributed.initialize()
-  _check_resume_config(workdir, config)
+    initialize_distributed(config)
+  is_main = jax.process_index() == 0
+  _main_first("config", lambda: _check_resume_config(workdir, config, write=is_main))
   tc = config["train"]
-  prepared, pipe_cfg, pipe = prepare(config)
+  prepared, pipe_cfg, pipe = _main_first("data", lambda: prepare(config))
   steps_per_epoch = pipe.steps_per_epoch
   num_classes = int(pipe.metadata["label"][pipe.keep].max()) + 1
   setup = maum_method.init(config, num_classes=num_classes,
@@ -104,7 +140,6 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *,
   compiled = parallel.CompiledStep(step_fn, mode)
   total_steps = config["num_epochs"] * steps_per_epoch
   pairs = pipe.local_batch * jax.process_count()
-  is_main = jax.process_index() == 0
 
   ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=tc["keep_checkpoints"])
   state, iter_state = setup.state, None

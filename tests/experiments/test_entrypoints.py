@@ -48,3 +48,13 @@ def test_evaluation_benchmark_fast_and_naive_agree(tmp_path):
   result = json.loads(out.strip().splitlines()[-1])
   assert result["benchmark"] == "evaluation_sysu" and result["trials"] == 2
   assert result["max_abs_diff"] < 1e-5 and result["speedup"] > 0
+
+
+def test_multi_process_run_needs_a_workdir(tmp_path):
+  env = {**os.environ, "MAUMJAX_CACHE": str(tmp_path), "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-m", "experiments.maum", "--config.distributed=True"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+                        check=False)
+  assert proc.returncode != 0
+  assert "needs --workdir" in proc.stderr
+  assert not (tmp_path / "runs").exists()  # refused before anything was written
