@@ -58,3 +58,22 @@ def test_multi_process_run_needs_a_workdir(tmp_path):
   assert proc.returncode != 0
   assert "needs --workdir" in proc.stderr
   assert not (tmp_path / "runs").exists()  # refused before anything was written
+
+
+def test_maum_trains_on_regdb_layout_data(tmp_path):
+  """The regdb preset (its builder, trial split and two-direction protocol), CPU-sized."""
+  workdir = tmp_path / "run"
+  out = _run(["experiments.maum", "--config=experiments/configs/maum.py:regdb",
+              "--config.data.trial=2", "--config.model.arch=tiny", "--config.data.height=32",
+              "--config.data.width=16", "--config.model.num_parts=2",
+              "--config.model.part_dim=16", "--config.num_epochs=1",
+              "--config.data.synthetic.num_identities=16",
+              "--config.data.pipeline.num_identities=4", "--config.data.pipeline.num_instances=2",
+              "--config.optim.warmup_epochs=0", "--config.loss.uni_start_epoch=0",
+              "--config.train.progress=False", f"--workdir={workdir}"], tmp_path)
+  assert "RegDB trial 2" in out and "visible->thermal" in out
+  saved = json.loads((workdir / "metrics.json").read_text())
+  assert saved["run"]["dataset"] == "regdb" and saved["run"]["synthetic_data"]
+  assert set(saved["summary"]) == {"visible->thermal", "thermal->visible"}
+  for direction in saved["summary"].values():
+    assert 0 <= direction["r1"] <= direction["r5"] <= direction["r20"] <= 100
