@@ -149,3 +149,19 @@ def test_evaluate_workdir_reproduces_the_final_metrics(uninterrupted):
   result = evaluation.evaluate_workdir(workdir)
   assert result["summary"] == ref["summary"]
   assert Path(result["out_dir"], "metrics.json").exists()
+
+
+@pytest.mark.parametrize("mode", ["pmap", "none"])
+def test_other_parallel_modes_train_the_same_run(mode, cache, tmp_path):
+  """The loop under pmap (4 devices) and on one device matches shard_map after a few steps."""
+  from tests.train.test_parallel import _assert_same
+
+  ref_config, config = _config(), _config()
+  config.parallel = mode
+  loop.train_and_evaluate(ref_config, tmp_path / "shard_map", max_steps=3)
+  result = loop.train_and_evaluate(config, tmp_path / mode, max_steps=3)
+  assert result == {"stopped_at_step": 3, "total_steps": result["total_steps"]}
+  _, ref = _final_params(tmp_path / "shard_map")
+  meta, params = _final_params(tmp_path / mode)
+  assert meta["step"] == 3
+  _assert_same(params, ref, f"params ({mode} vs shard_map)")
