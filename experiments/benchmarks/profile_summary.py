@@ -15,6 +15,8 @@ Which events count as the step's operations:
   per HLO operation, named after it (the derived timeline XProf shows);
 * else the events of the device planes that carry an `hlo_op` stat (kernels on the GPU's
   stream lines; several kernels of one operation add up under that operation);
+* else every event on the device planes' stream lines ("Stream #N"), each kernel standing for
+  itself (a trace whose kernels carry no operation names still shows busy time and kernels);
 * else, on the CPU backend, the host plane's events that carry an `hlo_op` stat (XLA:CPU's
   thunks, run on several threads).
 
@@ -110,6 +112,10 @@ def collect_ops(profile) -> tuple[str, list[dict[str, Any]]]:
   events = with_hlo_op(device, NON_OP_LINES)
   if events:
     return "device planes, events with an hlo_op stat", events
+  events = [event_dict(e, _stats(e), e.name) for p in device for line in p.lines
+            if line.name.startswith("Stream") for e in line.events]
+  if events:
+    return "device planes, stream events (kernels; no hlo_op stats)", events
   host = [p for p in planes if p.name.startswith("/host:CPU")]
   return "host CPU plane, events with an hlo_op stat", with_hlo_op(host)
 

@@ -402,7 +402,10 @@ def _profile(compiled, dstate, dbatch, steps: int, profile_dir: str):
                - before, key=os.path.getmtime)
   if not new:
     raise RuntimeError(f"jax.profiler.trace wrote no .xplane.pb under {directory}")
-  summary = profile_summary.summarize(new[-1], steps=steps)
+  try:
+    summary = profile_summary.summarize(new[-1], steps=steps)
+  except ValueError as e:  # keep the timing and the trace even if the summary cannot be made
+    return dstate, metrics, {"profile_error": str(e), "profile_file": new[-1]}
   print(profile_summary.format_summary(summary))
   return dstate, metrics, {"profile": summary, "profile_file": new[-1]}
 

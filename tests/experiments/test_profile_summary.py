@@ -89,6 +89,21 @@ def test_summary_of_kernels_on_two_streams_by_hand():
   assert s["by_category"] == {"custom-call": 0.5, "fusion": 0.5}
 
 
+def test_summary_of_unnamed_kernels_by_hand():
+  # Neither an XLA Ops line nor hlo_op stats: the stream lines' kernels, [0,2) and [5,6) us.
+  space = _xspace(f"""
+  planes {{ id: 1 name: "/device:GPU:0"
+    lines {{ id: 1 name: "Stream #13" timestamp_ns: 0 {_event(1, 0, 2)} {_event(2, 5, 1)} }}
+    lines {{ id: 2 name: "Launch Stats" timestamp_ns: 0 {_event(1, 0, 9)} }}
+    event_metadata {{ key: 1 value {{ id: 1 name: "sm90_gemm" }} }}
+    event_metadata {{ key: 2 value {{ id: 2 name: "loop_add_fusion" }} }} }}""")
+  s = ps.summarize(space, steps=1)
+  assert s["source"].startswith("device planes, stream events")
+  assert s["busy_ms_per_step"] == pytest.approx(3e-3)
+  assert s["window_ms_per_step"] == pytest.approx(6e-3) and s["idle_fraction"] == 0.5
+  assert [r["name"] for r in s["top_ops"]] == ["sm90_gemm", "loop_add_fusion"]
+
+
 def test_summary_refuses_empty_traces_and_zero_steps():
   space = _xspace('planes { id: 1 name: "/host:CPU" }')
   with pytest.raises(ValueError, match="no XLA operation events"):
