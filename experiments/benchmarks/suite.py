@@ -147,7 +147,8 @@ def plan(section: str, out_dir: Path, *, smoke: bool, threads: int,
               "--augment_on=device"]
     return [Command(section, _py(*common)), Command(section, _py(*common, "--cache=ram"))]
   if section == "trainer":
-    workdir = Path(tempfile.mkdtemp(prefix="maumjax_suite_trainer_"))
+    # Named here, made by the run (planning writes nothing); removed once its result is read.
+    workdir = Path(tempfile.gettempdir()) / f"maumjax_suite_trainer_{os.getpid()}_{time.time_ns()}"
     epochs = 1 if smoke else trainer_epochs
     args = ["--config=experiments/configs/maum.py:sysu", "--config.model.dtype=bfloat16",
             f"--config.num_epochs={epochs}", "--config.loss.uni_start_epoch=1",
