@@ -131,20 +131,36 @@ def test_no_gradient_reaches_proxies_through_the_bank(mode, size):
 
 
 def test_bank_feeds_the_unidirectional_loss():
-  # A bank freshly initialised from the proxies gives K+1 copies of every reference; the bank is a
-  # pytree, so it passes through jit with the loss.
+  """A bank holding distinct snapshots feeds both directions as the NumPy reference says.
+
+  The bank is filled from one set of proxies and then written with another, so its slots
+  differ from each other and from the current proxies; the references are checked against the
+  loop-based formula of tests/losses/naive.py (spec §5.4: current proxies plus K snapshots).
+  """
+  from tests.losses import naive
+
   p_rgb, p_ir = _proxies(0)
   bank = memory.init_bank(p_rgb, p_ir, 2)
+  bank = _update(bank, *_proxies(1), step=0)  # slot 0 now holds other proxies
+  cur_rgb, cur_ir = _proxies(2)  # and the current proxies are a third set
   rng = np.random.default_rng(5)
   feats_rgb, feats_ir = rng.normal(size=(2, 4, H, D)).astype(np.float32)
-  labels = np.array([0, 1, 2, 0])
+  labels_rgb, labels_ir = np.array([0, 1, 2, 0]), np.array([2, 1, 0, 1])
 
   @jax.jit
   def loss(bank):
-    return losses.unidirectional_loss(feats_rgb, labels, feats_ir, labels, p_rgb, p_ir,
+    return losses.unidirectional_loss(feats_rgb, labels_rgb, feats_ir, labels_ir, cur_rgb, cur_ir,
                                       bank.rgb, bank.ir)
 
-  refs_rgb = jnp.tile(jnp.asarray(p_rgb), (1, 3, 1))  # [H, 3C, D], labels tile(arange(C), 3)
-  ref_labels = jnp.tile(jnp.arange(C), 3)
-  expected = jax.jit(losses.head_proxy_metric)(feats_ir, labels, refs_rgb, ref_labels)
-  np.testing.assert_allclose(loss(bank)["ir_to_rgb"], jnp.mean(expected), rtol=1e-5)
+  got = loss(bank)
+  bank_rgb, bank_ir = np.asarray(bank.rgb), np.asarray(bank.ir)
+  assert not np.allclose(bank_rgb[0], bank_rgb[1])
+  refs_rgb = [naive.memory_list(cur_rgb[h], bank_rgb[:, h]) for h in range(H)]
+  refs_ir = [naive.memory_list(cur_ir[h], bank_ir[:, h]) for h in range(H)]
+  np.testing.assert_allclose(got["ir_to_rgb"], naive.proxy_term(feats_ir, labels_ir, refs_rgb),
+                             rtol=1e-4)
+  np.testing.assert_allclose(got["rgb_to_ir"], naive.proxy_term(feats_rgb, labels_rgb, refs_ir),
+                             rtol=1e-4)
+  # Without the bank the value differs (the snapshots really are references).
+  plain = [naive.memory_list(cur_rgb[h], None) for h in range(H)]
+  assert abs(float(got["ir_to_rgb"]) - naive.proxy_term(feats_ir, labels_ir, plain)) > 1e-3

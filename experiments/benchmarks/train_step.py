@@ -11,7 +11,8 @@
       --width=32 --num_parts=4 --batches=64,128 --steps=10 --warmup=3 --torch
 
 What is measured is the step the trainer runs (`maumjax.train.loop`): the per-device step of
-`maumjax.methods.maum.make_train_step` for the `sysu` preset's model, loss and optimiser
+`maumjax.train.step.method_step(maum, ...)` (phase 1: every MAUM term, bank fill and writes)
+for the `sysu` preset's model, loss and optimiser
 (ResNet-50, last stride 1, two-stream stem, 6 GeM parts x 256, Circle proxies, unidirectional
 terms with a K=8 FIFO bank, batch-hard triplet, SGD Nesterov), wrapped by
 `maumjax.train.parallel.CompiledStep` in `--parallel` mode, with the state donated. The train
@@ -108,6 +109,9 @@ def define_flags() -> None:
   flags.DEFINE_integer("part_dim", 256, "Reduced dimension per part.")
   flags.DEFINE_enum("parallel", "shard_map", ["shard_map", "pmap", "none"],
                     "How the step is wrapped (maumjax.train.parallel).")
+  flags.DEFINE_enum("phase", "cross", ["cross", "early"],
+                    "MAUM phase timed: 'cross' (every term, banks; the step of most epochs) or "
+                    "'early' (before uni_start_epoch: no cross-modality terms, no banks).")
   flags.DEFINE_enum("augment_on", "device", ["device", "host"],
                     "device: uint8 images, augmentation inside the step (trainer default).")
   flags.DEFINE_bool("torch", False, "Also run the PyTorch reference (torch_reference.py).")
@@ -219,17 +223,23 @@ def _init(config: dict[str, Any], num_classes: int, image_shape: tuple[int, int]
   """
   import jax
 
-  from maumjax.methods import maum
+  import numpy as np
 
+  from maumjax.methods import api, maum
+
+  every = np.ones(num_classes, bool)
+  data = api.DataInfo(num_classes, tuple(image_shape), NOMINAL_STEPS_PER_EPOCH, every, every)
   with jax.threefry_partitionable(False):
-    return maum.init(config, num_classes=num_classes, image_shape=image_shape,
-                     steps_per_epoch=NOMINAL_STEPS_PER_EPOCH, seed=seed)
+    return maum.init(config, data, seed=seed)
 
 
 def build_step(*, arch: str, height: int, width: int, dtype: str, batch: int, num_classes: int,
                num_instances: int, num_parts: int, part_dim: int, parallel_mode: str,
-               augment_on: str, seed: int = 0):
-  """The trainer's compiled MAUM step, a placed state past uni_start and a placed batch.
+               augment_on: str, seed: int = 0, phase: str = "cross"):
+  """The trainer's compiled MAUM step, a placed state in `phase` and a placed batch.
+
+  `phase` 'cross' places the state past uni_start (and past the bank fill); 'early' times
+  the phase-0 step at step 0.
 
   Returns:
     (compiled: CompiledStep, state, batch) with state and batch already on the devices.
@@ -241,8 +251,9 @@ def build_step(*, arch: str, height: int, width: int, dtype: str, batch: int, nu
 
   from experiments.configs import maum as maum_configs
   from maumjax.data import pipeline as pipeline_lib
-  from maumjax.methods import maum
+  from maumjax.methods import api, maum
   from maumjax.train import parallel
+  from maumjax.train import step as step_lib
 
   if batch % (2 * num_instances):
     raise ValueError(f"batch {batch} is not a multiple of 2 * num_instances = "
@@ -255,14 +266,14 @@ def build_step(*, arch: str, height: int, width: int, dtype: str, batch: int, nu
   setup = _init(config, num_classes, (height, width), seed)
   mode = parallel.check_mode(parallel_mode)
   devices = parallel.device_count(mode)
-  step_fn = maum.make_train_step(
-      setup, steps_per_epoch=NOMINAL_STEPS_PER_EPOCH, pipeline=pipe,
-      axis_name=None if mode == "none" else parallel.DATA_AXIS, devices=devices,
-      sync_bn=config["model"]["sync_bn"])
+  ctx = api.StepContext(axis_name=None if mode == "none" else parallel.DATA_AXIS,
+                        devices=devices, sync_bn=config["model"]["sync_bn"])
+  epoch = setup.config.uni_start_epoch if phase == "cross" else 0
+  step_fn = step_lib.method_step(maum, setup, maum.phase(setup, epoch), pipeline=pipe, ctx=ctx)
   compiled = parallel.CompiledStep(step_fn, mode)
-  # Past the start of the cross-modality phase (and past the step that refills the banks).
-  start = setup.loss.uni_start_epoch * NOMINAL_STEPS_PER_EPOCH
-  state = setup.state.replace(step=jnp.asarray(start + 1, jnp.int32))
+  # 'cross': past the start of the cross-modality phase (and past the step that fills the banks).
+  start = epoch * NOMINAL_STEPS_PER_EPOCH + (1 if phase == "cross" else 0)
+  state = setup.state.replace(step=jnp.asarray(start, jnp.int32))
   host = synthetic_batch(pairs, height, width, num_instances=num_instances,
                          num_classes=num_classes, augment_on=augment_on, seed=seed)
   dbatch = compiled.put_batch(host)
@@ -286,7 +297,7 @@ def measure_jax(*, arch: str, height: int, width: int, dtype: str, batch: int,
                 num_classes: int, num_instances: int, num_parts: int, part_dim: int,
                 parallel_mode: str, augment_on: str, steps: int, warmup: int,
                 seed: int = 0, profile_steps: int = 0,
-                profile_dir: str = "") -> dict[str, Any]:
+                profile_dir: str = "", phase: str = "cross") -> dict[str, Any]:
   """Compiles and times the MAUM train step once; returns the JAX side of a result.
 
   With `profile_steps > 0`, that many more steps run inside `jax.profiler.trace` after the
@@ -301,7 +312,7 @@ def measure_jax(*, arch: str, height: int, width: int, dtype: str, batch: int,
   compiled, dstate, dbatch = build_step(
       arch=arch, height=height, width=width, dtype=dtype, batch=batch, num_classes=num_classes,
       num_instances=num_instances, num_parts=num_parts, part_dim=part_dim,
-      parallel_mode=parallel_mode, augment_on=augment_on, seed=seed)
+      parallel_mode=parallel_mode, augment_on=augment_on, seed=seed, phase=phase)
   init_s = time.perf_counter() - t0
 
   t0 = time.perf_counter()
@@ -444,12 +455,13 @@ def run_combination(dtype: str, batch: int) -> dict[str, Any]:
   result = {"benchmark": "train_step", "device": device_name(),
             "device_kind": jax.devices()[0].device_kind, "platform": jax.default_backend(),
             "commit": report.commit(), **sizes, **model, "augment_on": FLAGS.augment_on,
-            "steps": FLAGS.steps, "warmup": FLAGS.warmup,
+            "steps": FLAGS.steps, "warmup": FLAGS.warmup, "phase": FLAGS.phase,
             "compilation_cache": FLAGS.compilation_cache}
   result.update(measure_jax(**sizes, **model, parallel_mode=FLAGS.parallel,
                             augment_on=FLAGS.augment_on, steps=FLAGS.steps,
                             warmup=FLAGS.warmup, seed=FLAGS.seed,
-                            profile_steps=FLAGS.profile_steps, profile_dir=FLAGS.profile_dir))
+                            profile_steps=FLAGS.profile_steps, profile_dir=FLAGS.profile_dir,
+                            phase=FLAGS.phase))
   result["host_cpus"] = host_cpus()
   if sys.platform.startswith("linux"):  # ru_maxrss is in KiB on Linux
     result["host_max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,4 +1,8 @@
-"""Config pieces shared by every method: data and input pipeline."""
+"""Config pieces shared by every method: the run's top level, data, optimiser, train, eval.
+
+A method's config file (`experiments/configs/<method>.py`) starts from `base_config` and adds
+its own `model` and `loss` sections and presets.
+"""
 
 from __future__ import annotations
 
@@ -44,3 +48,48 @@ def data_config(*, name: str = "sysu_mm01", height: int = 288,
           "seed": 0,
       },
   })
+
+
+def optim_config(**overrides) -> ml_collections.ConfigDict:
+  """Optimiser (`maumjax.train.optim.OptimConfig`); default the AGW recipe (protocol.md §5.4)."""
+  fields = dict(name="sgd", lr=0.1, backbone_lr_mult=0.1, momentum=0.9, nesterov=True,
+                weight_decay=5e-4, warmup_epochs=10, decay_epochs=(20, 50), decay_factor=0.1,
+                grad_clip=0.0)
+  fields.update(overrides)
+  return ml_collections.ConfigDict(fields)
+
+
+def train_config(**overrides) -> ml_collections.ConfigDict:
+  """The loop's cadence (`maumjax.train.loop`): logging, checkpoints, quick evaluations."""
+  fields = dict(log_every=50, checkpoint_every_epochs=5, checkpoint_every_steps=0,
+                keep_checkpoints=2, eval_every_epochs=10, progress=True, tensorboard=True)
+  fields.update(overrides)
+  return ml_collections.ConfigDict(fields)
+
+
+def eval_config(**overrides) -> ml_collections.ConfigDict:
+  """Evaluation (`maumjax.train.evaluation`): trials, SYSU settings, gallery sampler, TTA."""
+  fields = dict(trials=10, quick_trials=1, modes=("all", "indoor"), shots=(1, 10),
+                sampling="agw", batch_size=64, flip=False, num_ranked=8)
+  fields.update(overrides)
+  return ml_collections.ConfigDict(fields)
+
+
+def base_config(method: str, preset: str, *, num_epochs: int) -> ml_collections.ConfigDict:
+  """Top-level run fields plus the shared optim, train and eval sections (no data/model/loss)."""
+  config = ml_collections.ConfigDict()
+  config.method = method
+  config.preset = preset
+  config.seed = 0
+  config.parallel = "shard_map"  # 'shard_map' | 'pmap' | 'none' (one device)
+  config.distributed = False  # call jax.distributed.initialize() (multi-process launch)
+  # Where no cluster is detected (SLURM, Open MPI, Kubernetes, TPU pods do it): the coordinator's
+  # host:port, the process count and this process's id; '' / 0 / -1 leave them to detection.
+  config.coordinator_address = ""
+  config.num_processes = 0
+  config.process_id = -1
+  config.num_epochs = num_epochs
+  config.optim = optim_config()
+  config.train = train_config()
+  config.eval = eval_config()
+  return config

@@ -26,6 +26,7 @@ Examples:
 
 Any field can be overridden with `--config.<section>.<field>=value`; every switch and its
 default (with its source tag) is documented in `maumjax/methods/maum.py` (LossConfig),
+`experiments/configs/common.py` (the run's top level, optim, train and eval sections),
 `maumjax/models/reid.py` (ReidNet), `maumjax/train/optim.py` (OptimConfig) and
 `maumjax/data/pipeline.py` (PipelineConfig).
 
@@ -57,31 +58,15 @@ def _loss() -> dict:
               ms_proxy=True, uni=True, uni_stop_gradient=True, uni_start_epoch=10, memory_size=8,
               mem_mode="fifo", mem_update_every=1, mem_momentum=0.9, triplet=True,
               tri_margin=0.3, tri_on="concat", head_reduce="sum", w_ms=1.0, w_uni=1.0, w_tri=1.0,
-              w_shared=1.0, proxy_init_std=0.001)
+              w_shared=1.0, proxy_init_std=0.001, proxy_unit_norm=False,
+              mask_absent_classes=True)
 
 
 def _model() -> dict:
   """ResNet-50, last stride 1, two-stream stem, 6 parts x 256-d (maum.md §2)."""
-  return dict(arch="resnet50", last_stride=1, specific_stages=1, head="parts", pool="gem",
-              part_pool="gem", gem_p=3.0, num_parts=6, part_dim=256, dtype="float32",
+  return dict(name="reid", arch="resnet50", last_stride=1, specific_stages=1, head="parts",
+              pool="gem", part_pool="gem", gem_p=3.0, num_parts=6, part_dim=256, dtype="float32",
               sync_bn=True, pretrained="")
-
-
-def _optim() -> dict:
-  """The AGW recipe (protocol.md §5.4)."""
-  return dict(name="sgd", lr=0.1, backbone_lr_mult=0.1, momentum=0.9, nesterov=True,
-              weight_decay=5e-4, warmup_epochs=10, decay_epochs=(20, 50), decay_factor=0.1,
-              grad_clip=0.0)
-
-
-def _train() -> dict:
-  return dict(log_every=50, checkpoint_every_epochs=5, checkpoint_every_steps=0,
-              keep_checkpoints=2, eval_every_epochs=10, progress=True, tensorboard=True)
-
-
-def _eval() -> dict:
-  return dict(trials=10, quick_trials=1, modes=("all", "indoor"), shots=(1, 10),
-              sampling="agw", batch_size=64, flip=False, num_ranked=8)
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
@@ -91,23 +76,9 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   if preset != "smoke" and (data not in DATA or row not in ROWS):
     raise ValueError(f"unknown MAUM preset {preset!r}; use <data>[_<row>] with data in {DATA} "
                      f"and row in {tuple(ROWS)}, or 'smoke'")
-  config = ml_collections.ConfigDict()
-  config.method = "maum"
-  config.preset = preset
-  config.seed = 0
-  config.parallel = "shard_map"  # 'shard_map' | 'pmap' | 'none' (one device)
-  config.distributed = False  # call jax.distributed.initialize() (multi-process launch)
-  # Where no cluster is detected (SLURM, Open MPI, Kubernetes, TPU pods do it): the coordinator's
-  # host:port, the process count and this process's id; '' / 0 / -1 leave them to detection.
-  config.coordinator_address = ""
-  config.num_processes = 0
-  config.process_id = -1
-  config.num_epochs = 81
+  config = common.base_config("maum", preset, num_epochs=81)
   config.model = _model()
   config.loss = _loss()
-  config.optim = _optim()
-  config.train = _train()
-  config.eval = _eval()
   if data in ("synthetic", "smoke"):
     _synthetic(config)
   elif data == "sysu":

@@ -355,7 +355,10 @@ class TrainPipeline:
 
 def make_train_pipeline(source: Sequence[dict[str, Any]], config: PipelineConfig = PipelineConfig(),
                         *, shard_index: int | None = None, shard_count: int | None = None,
-                        metadata: dict[str, np.ndarray] | None = None) -> TrainPipeline:
+                        metadata: dict[str, np.ndarray] | None = None,
+                        labels: np.ndarray | None = None,
+                        steps_per_epoch: int | None = None,
+                        store: ImageStore | None = None) -> TrainPipeline:
   """Builds the training pipeline over a random-access record source.
 
   Args:
@@ -367,6 +370,11 @@ def make_train_pipeline(source: Sequence[dict[str, Any]], config: PipelineConfig
       `jax.process_index()` / `jax.process_count()`.
     shard_count: see shard_index. P must be divisible by it.
     metadata: precomputed `read_metadata(source)`, to skip the scan.
+    labels: int [N] training labels replacing the dataset's (a method's relabelling, e.g.
+      MMM's pseudo-labels); -1 leaves a record out. The imbalance subset is still drawn from
+      the dataset's labels, so it does not change with a relabelling.
+    steps_per_epoch: fixed epoch length (see `IdentitySampler`).
+    store: an `ImageStore` of `source` to reuse (e.g. its RAM cache across relabellings).
 
   Raises:
     ValueError: P not divisible by the number of hosts, or invalid sampler settings.
@@ -381,11 +389,20 @@ def make_train_pipeline(source: Sequence[dict[str, Any]], config: PipelineConfig
   keep = sampler_lib.modality_subset(
       meta["label"], meta["modality"], fraction=config.imbalance_fraction,
       reduce_modality=config.imbalance_modality, unit=config.imbalance_unit, seed=config.seed)
+  if labels is not None:
+    labels = np.asarray(labels, np.int64)
+    if labels.shape != meta["label"].shape:
+      raise ValueError(f"labels has shape {labels.shape}; expected one label per record "
+                       f"{meta['label'].shape}")
+    keep = keep & (labels >= 0)
+    meta = {**meta, "label": labels}
   sampler = sampler_lib.IdentitySampler(
       meta["label"], meta["modality"], num_identities=config.num_identities,
-      num_instances=config.num_instances, seed=config.seed, keep=keep)
-  cache = np.flatnonzero(keep) if config.cache == "ram" else None
-  store = ImageStore(source, cache_indices=cache)
+      num_instances=config.num_instances, seed=config.seed, keep=keep,
+      steps_per_epoch=steps_per_epoch)
+  if store is None:
+    cache = np.flatnonzero(keep) if config.cache == "ram" else None
+    store = ImageStore(source, cache_indices=cache)
   return TrainPipeline(config, sampler, meta, keep, store, shard_index, shard_count)
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +116,11 @@ def prepare_dataset(name: str, *, manual_dir: str | os.PathLike | None = None,
                                  height=height, width=width, image_format=image_format)
   builder = build_lib.build(name, manual_dir=manual, data_dir=out, config=config)
   return PreparedDataset(name, manual, out, builder, is_synthetic)
+
+
+def prepare_from_config(data: Mapping[str, Any]) -> PreparedDataset:
+  """`prepare_dataset` from the plain-dict form of a config's `data` section."""
+  return prepare_dataset(
+      data["name"], manual_dir=data["manual_dir"] or None, data_dir=data["data_dir"] or None,
+      height=data["height"], width=data["width"], trial=data["trial"],
+      image_format=data["image_format"], synthetic=SyntheticSpec(**data["synthetic"]))

@@ -70,6 +70,8 @@ class IdentitySampler:
     seed: run seed; epoch e uses `np.random.default_rng([seed, e])`.
     keep: optional bool [N] mask of usable records (modality-imbalance subsets, see
       `modality_subset`); all records when None.
+    steps_per_epoch: a fixed epoch length (e.g. kept when a method relabels the data); None
+      gives one pass over the larger modality, max(#visible, #infrared) // (P * K) + 1.
 
   Raises:
     ValueError: on mismatched array lengths, P or K < 1, fewer than P identities, or a modality
@@ -78,7 +80,7 @@ class IdentitySampler:
 
   def __init__(self, labels: Sequence[int] | np.ndarray, modality: Sequence[int] | np.ndarray,
                *, num_identities: int = 8, num_instances: int = 4, seed: int = 0,
-               keep: np.ndarray | None = None):
+               keep: np.ndarray | None = None, steps_per_epoch: int | None = None):
     labels = np.asarray(labels, np.int64)
     modality = np.asarray(modality, np.int64)
     if labels.shape != modality.shape or labels.ndim != 1:
@@ -107,7 +109,10 @@ class IdentitySampler:
     counts = [sum(len(v) for v in self._lists[m].values()) for m in (VISIBLE, INFRARED)]
     self.num_images = tuple(counts)
     self.per_step = num_identities * num_instances
-    self.steps_per_epoch = max(counts) // self.per_step + 1
+    if steps_per_epoch is not None and steps_per_epoch < 1:
+      raise ValueError(f"steps_per_epoch={steps_per_epoch} must be >= 1")
+    self.steps_per_epoch = (max(counts) // self.per_step + 1 if steps_per_epoch is None
+                            else int(steps_per_epoch))
 
   def epoch(self, epoch: int) -> EpochPlan:
     """Returns the index arrays of `epoch` (deterministic in (seed, epoch))."""

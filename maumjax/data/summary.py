@@ -12,15 +12,6 @@ from maumjax.data import pipeline as pipeline_lib
 from maumjax.data import prepare as prepare_lib
 
 
-def prepare_from_dict(data: Mapping[str, Any]) -> prepare_lib.PreparedDataset:
-  """`prepare_dataset` from the plain-dict form of a config's `data` section."""
-  return prepare_lib.prepare_dataset(
-      data["name"], manual_dir=data["manual_dir"] or None, data_dir=data["data_dir"] or None,
-      height=data["height"], width=data["width"], trial=data["trial"],
-      image_format=data["image_format"],
-      synthetic=prepare_lib.SyntheticSpec(**data["synthetic"]))
-
-
 def describe_batch(batch: Mapping[str, Any]) -> list[str]:
   """One line per modality: image shape/dtype/range and the labels of the batch."""
   lines = []
@@ -38,7 +29,7 @@ def describe_batch(batch: Mapping[str, Any]) -> list[str]:
 def prepare_and_describe(data: Mapping[str, Any]) -> str:
   """Prepares the dataset of `data`, builds the pipeline and describes one training batch."""
   t0 = time.perf_counter()
-  prepared = prepare_from_dict(data)
+  prepared = prepare_lib.prepare_from_config(data)
   t_prep = time.perf_counter() - t0
   info = prepared.builder.info
   source = pipeline_lib.open_train_source(prepared.builder)

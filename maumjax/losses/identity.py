@@ -3,12 +3,15 @@
 Engineering default, not part of MAUM's own loss (the shared classifier is off by default, spec
 `maum.md` §5.5). Smoothing follows AGW / Szegedy et al. (CVPR 2016): the target is
 (1 − ε)·onehot(y) + ε/C, the uniform part spread over all C classes, the true one included.
+The arithmetic is optax's (`smooth_labels` + `softmax_cross_entropy`); this function adds the
+integer-label interface, float32 promotion and argument checks.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 def softmax_cross_entropy(
@@ -37,9 +40,8 @@ def softmax_cross_entropy(
   if logits.ndim != 2 or labels.shape != logits.shape[:1]:
     raise ValueError(f"logits must be [N, C] and labels [N]; got {logits.shape}, {labels.shape}.")
   logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-  log_probs = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
   if label_smoothing == 0.0:
-    return nll
-  uniform = -jnp.mean(log_probs, axis=-1)
-  return (1.0 - label_smoothing) * nll + label_smoothing * uniform
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels.astype(jnp.int32))
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype),
+                                label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)

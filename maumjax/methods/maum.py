@@ -12,16 +12,23 @@ One code path covers every row of the ablation grid (maum.md §9) through `LossC
 
 Per head group g ('global' and/or 'parts', each with H_g heads of width D_g) the parameters
 hold proxies `proxies/<g>/{rgb,ir,shared}` of shape [H_g, C, D_g], and the train state's
-`memory[g]` holds the proxy banks (`maumjax.memory.ProxyBank`, [K, H_g, C, D_g] per
+`method_state[g]` holds the proxy banks (`maumjax.memory.ProxyBank`, [K, H_g, C, D_g] per
 modality). The total loss (maum.md §5.6) is
 
   L = w_ms L_ms + w_uni [t >= uni_start] (L_{IR->RGB} + L_{RGB->IR}) + w_tri L_tri
       + w_shared L_shared,
 
-summed over head groups. The banks are filled with the current proxies on the first step of
-epoch `uni_start_epoch` and updated after every optimiser step (or every `mem_update_every`).
-Every loss sees the global batch (features all-gathered over devices), see
-`maumjax.train.parallel`.
+summed over head groups. The loss weights are an explicit `{term: weight}` mapping (`loss_weights`).
+
+Two training phases (`phase`): before epoch `uni_start_epoch` only L_ms / L_shared and the
+triplet term are computed (no cross-modality terms, no bank reads or writes, one compiled
+step); from `uni_start_epoch` on, a second compiled step adds the cross-modality terms, fills
+the banks with the current proxies on the phase's first step and writes them after every
+optimiser step (every `mem_update_every` steps, counted from the phase start). Every loss sees
+the global batch (features all-gathered over devices, `maumjax.train.parallel`).
+
+This module is a method in the sense of `maumjax.methods.api`: `init`, `phase`, `step_parts`,
+`embed` and `variables_of`; the shared trainer (`maumjax.train`) runs it.
 """
 
 from __future__ import annotations
@@ -31,14 +38,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
+import numpy as np
 
 from maumjax import losses
 from maumjax import memory as memory_lib
-from maumjax.data import pipeline as pipeline_lib
+from maumjax import models as models_lib
+from maumjax.methods import api
 from maumjax.models import reid as reid_lib
 from maumjax.train import optim
-from maumjax.train import parallel
 from maumjax.train import state as state_lib
 
 TRIPLET_ON = ("concat", "per_part", "global")
@@ -70,6 +77,16 @@ class LossConfig:
     head_reduce: 'sum' or 'mean' of per-head proxy losses within a group.
     w_ms, w_uni, w_tri, w_shared: loss weights.
     proxy_init_std: proxies start from N(0, std^2) (classifier-row init, maum.md §11 #13).
+    proxy_unit_norm: keep the proxies on the unit sphere: L2-normalised at init and after
+      every optimiser step (engineering switch, default off). Under the cosine metric a
+      proxy's scale does not change the loss, but its gradient scales with 1 / norm, so the
+      proxies' effective learning rate falls as their norm grows (from ~1e-3 to ~10 within
+      a few dozen steps of the synthetic preset).
+    mask_absent_classes: classes without training images of a modality (the modality-imbalance
+      study with `imbalance_unit='identities'`) are not used as that modality's references
+      (`ref_valid_*` of the losses): their proxies, which no feature of the modality trained,
+      neither pull nor push. Engineering default on; with every class present it changes
+      nothing.
   """
 
   metric: str = "circle"
@@ -94,6 +111,8 @@ class LossConfig:
   w_tri: float = 1.0
   w_shared: float = 1.0
   proxy_init_std: float = 0.001
+  proxy_unit_norm: bool = False
+  mask_absent_classes: bool = True
 
   def __post_init__(self):
     if self.metric not in losses.METRICS:
@@ -121,66 +140,30 @@ class LossConfig:
                 head_reduce=self.head_reduce)
 
 
-@dataclasses.dataclass(frozen=True)
-class Setup:
-  """What `init` builds: the model, the optimiser and the initial (host) train state."""
-
-  model: reid_lib.ReidNet
-  tx: optax.GradientTransformation
-  state: state_lib.TrainState
-  loss: LossConfig
-  num_classes: int
-  load_report: Any = None
-
-
-def model_from_config(model_cfg: dict[str, Any]) -> reid_lib.ReidNet:
-  """A `ReidNet` from the config's `model` section (non-model keys removed)."""
-  kwargs = {k: v for k, v in model_cfg.items() if k not in ("pretrained", "sync_bn")}
-  kwargs["dtype"] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[kwargs.get("dtype",
-                                                                                  "float32")]
-  return reid_lib.ReidNet(**kwargs)
-
-
-def head_dims(model: reid_lib.ReidNet, variables,
-              image_shape: tuple[int, int]) -> dict[str, tuple[int, int]]:
-  """(heads, width) per head group, read from a forward pass's shapes."""
-  shape = (1, *image_shape, 3)
-  out = jax.eval_shape(lambda v: model.apply(v, jnp.zeros(shape), jnp.zeros(shape),
-                                             train=False), variables)
-  return {g: (o["bn"].shape[1], o["bn"].shape[2]) for g, o in out.items()}
-
-
-def param_groups(params) -> Any:
-  """'backbone' for the ResNet stages (both stems and the shared trunk), 'head' otherwise."""
-  backbone = {"rgb", "ir", "shared"}
-
-  def label(path, _):
-    keys = [getattr(p, "key", None) for p in path]
-    return "backbone" if keys[:1] == ["model"] and keys[1] in backbone else "head"
-
-  return jax.tree_util.tree_map_with_path(label, params)
-
-
 def _proxy_names(loss: LossConfig) -> tuple[str, ...]:
   names = ("rgb", "ir") if loss.ms_proxy else ()
   return names + (("shared",) if loss.shared_proxy else ())
 
 
-def init(config: dict[str, Any], *, num_classes: int, image_shape: tuple[int, int],
-         steps_per_epoch: int, seed: int = 0) -> Setup:
+def _normalize_proxies(proxies):
+  return jax.tree.map(losses.l2_normalize, proxies)
+
+
+def init(config: dict[str, Any], data: api.DataInfo, *, seed: int = 0) -> api.Setup:
   """Builds the model, proxies, banks, optimiser and the initial train state.
 
   Args:
     config: the run config as a plain dict (sections model, loss, optim).
-    num_classes: training identities C.
-    image_shape: (height, width) of training images.
-    steps_per_epoch: for the per-epoch lr schedule.
+    data: the training data's facts (classes, image shape, steps per epoch).
     seed: initialisation seed.
+
+  Returns:
+    A `Setup` whose `config` is the parsed `LossConfig`.
   """
   loss = LossConfig(**config["loss"])
-  model = model_from_config(config["model"])
+  model = models_lib.model_from_config(config["model"])
   key_model, key_proxy = jax.random.split(jax.random.PRNGKey(seed))
-  dummy = jnp.zeros((2, *image_shape, 3), jnp.float32)
+  dummy = jnp.zeros((2, *data.image_shape, 3), jnp.float32)
   variables = jax.jit(lambda k: model.init(k, dummy, dummy, train=False))(key_model)
   report = None
   if config["model"].get("pretrained"):
@@ -188,21 +171,31 @@ def init(config: dict[str, Any], *, num_classes: int, image_shape: tuple[int, in
 
     variables, report = weights.load_backbone(variables, config["model"]["pretrained"],
                                               model=model)
-  dims = head_dims(model, variables, image_shape)
+  dims = reid_lib.head_dims(model, variables, data.image_shape)
   proxies = {}
   for g, (heads, width) in dims.items():
     keys = jax.random.split(jax.random.fold_in(key_proxy, len(proxies)), 3)
-    proxies[g] = {name: loss.proxy_init_std * jax.random.normal(k, (heads, num_classes, width))
+    proxies[g] = {name: loss.proxy_init_std
+                  * jax.random.normal(k, (heads, data.num_classes, width))
                   for name, k in zip(_proxy_names(loss), keys)}
+  if loss.proxy_unit_norm:
+    proxies = _normalize_proxies(proxies)
   params = {"model": variables["params"], "proxies": proxies}
-  memory = {}
+  banks = {}
   if loss.uses_memory:
-    memory = {g: memory_lib.init_bank(p["rgb"], p["ir"], loss.memory_size, mode=loss.mem_mode)
-              for g, p in proxies.items()}
-  tx = optim.make_optimizer(optim.OptimConfig(**config["optim"]), steps_per_epoch, param_groups)
+    banks = {g: memory_lib.init_bank(p["rgb"], p["ir"], loss.memory_size, mode=loss.mem_mode)
+             for g, p in proxies.items()}
+  tx = optim.make_optimizer(optim.OptimConfig(**config["optim"]), data.steps_per_epoch,
+                            reid_lib.param_groups)
   state = state_lib.TrainState.create(params=params, batch_stats=variables["batch_stats"],
-                                      tx=tx, memory=memory, seed=seed)
-  return Setup(model, tx, state, loss, num_classes, report)
+                                      tx=tx, method_state=banks, seed=seed)
+  return api.Setup(model=model, tx=tx, state=state, config=loss, data=data, load_report=report)
+
+
+def phase(setup: api.Setup, epoch: int) -> int:
+  """0 before `uni_start_epoch` (no cross-modality terms), 1 from then on."""
+  loss = setup.config
+  return int(loss.uni and epoch >= loss.uni_start_epoch)
 
 
 def _triplet_feats(out: dict[str, dict[str, jax.Array]], tri_on: str) -> list[jax.Array]:
@@ -216,9 +209,34 @@ def _triplet_feats(out: dict[str, dict[str, jax.Array]], tri_on: str) -> list[ja
   return [o["pre"][:, h] for o in out.values() for h in range(o["pre"].shape[1])]
 
 
-def compute_losses(out, labels_rgb, labels_ir, proxies, memory, loss: LossConfig,
-                   uni_weight: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """All MAUM terms on one (global) batch of head outputs.
+def loss_weights(loss: LossConfig, groups, *, cross_modal: bool) -> dict[str, float]:
+  """The explicit `{term: weight}` of every term `compute_losses` returns for these switches."""
+  weights = {}
+  for g in groups:
+    if loss.shared_proxy:
+      weights[f"shared_{g}"] = loss.w_shared
+    if loss.ms_proxy:
+      weights[f"ms_{g}"] = loss.w_ms
+    if loss.uni and cross_modal:
+      weights[f"ir_to_rgb_{g}"] = loss.w_uni
+      weights[f"rgb_to_ir_{g}"] = loss.w_uni
+  if loss.triplet:
+    weights["triplet"] = loss.w_tri
+  return weights
+
+
+def class_masks(loss: LossConfig, data: api.DataInfo) -> tuple[Any, Any]:
+  """(ref_valid_rgb, ref_valid_ir) for the losses: None where every class is present."""
+  if not loss.mask_absent_classes:
+    return None, None
+  return tuple(None if np.all(m) else jnp.asarray(m, bool)
+               for m in (data.classes_rgb, data.classes_ir))
+
+
+def compute_losses(out, labels_rgb, labels_ir, proxies, memory, loss: LossConfig, *,
+                   cross_modal: bool = True, ref_valid_rgb: jax.Array | None = None,
+                   ref_valid_ir: jax.Array | None = None) -> dict[str, jax.Array]:
+  """Every enabled MAUM term on one (global) batch of head outputs, unweighted.
 
   Args:
     out: model outputs {group: {'pre': [N, H, D], 'bn': [N, H, D]}} for the batch
@@ -227,10 +245,12 @@ def compute_losses(out, labels_rgb, labels_ir, proxies, memory, loss: LossConfig
     proxies: {group: {'rgb'|'ir'|'shared': [H, C, D]}}.
     memory: {group: ProxyBank} or {} (no banks).
     loss: loss switches.
-    uni_weight: 0 before the cross-modality phase, `w_uni` after (traced).
+    cross_modal: compute the unidirectional terms (phase 1); False skips them entirely.
+    ref_valid_rgb, ref_valid_ir: optional [C] bool masks of the classes usable as visible /
+      infrared references (`class_masks`).
 
   Returns:
-    (total, {name: value}) with every enabled term.
+    {name: value} with every enabled term; weight them with `loss_weights`.
   """
   b = labels_rgb.shape[0]
   kw = loss.metric_kwargs()
@@ -239,116 +259,104 @@ def compute_losses(out, labels_rgb, labels_ir, proxies, memory, loss: LossConfig
     feats_rgb, feats_ir = o["bn"][:b], o["bn"][b:]
     p = proxies[g]
     if loss.shared_proxy:
+      both = (None if ref_valid_rgb is None and ref_valid_ir is None else
+              _either(ref_valid_rgb, ref_valid_ir))
       terms[f"shared_{g}"] = losses.shared_proxy_loss(feats_rgb, labels_rgb, feats_ir, labels_ir,
-                                                      p["shared"], **kw)
+                                                      p["shared"], ref_valid=both, **kw)
     if loss.ms_proxy:
       terms[f"ms_{g}"] = losses.ms_proxy_loss(feats_rgb, labels_rgb, feats_ir, labels_ir,
-                                              p["rgb"], p["ir"], **kw)
-    if loss.uni:
+                                              p["rgb"], p["ir"], ref_valid_rgb=ref_valid_rgb,
+                                              ref_valid_ir=ref_valid_ir, **kw)
+    if loss.uni and cross_modal:
       bank = memory.get(g)
       uni = losses.unidirectional_loss(
           feats_rgb, labels_rgb, feats_ir, labels_ir, p["rgb"], p["ir"],
           None if bank is None else bank.rgb, None if bank is None else bank.ir,
-          stop_gradient=loss.uni_stop_gradient, **kw)
+          stop_gradient=loss.uni_stop_gradient, ref_valid_rgb=ref_valid_rgb,
+          ref_valid_ir=ref_valid_ir, **kw)
       terms[f"ir_to_rgb_{g}"] = uni["ir_to_rgb"]
       terms[f"rgb_to_ir_{g}"] = uni["rgb_to_ir"]
-  total = jnp.zeros((), jnp.float32)
-  for name, value in terms.items():
-    if name.startswith("shared_"):
-      total += loss.w_shared * value
-    elif name.startswith("ms_"):
-      total += loss.w_ms * value
-    else:
-      total += uni_weight * value
   if loss.triplet:
     labels = jnp.concatenate([labels_rgb, labels_ir])
-    tri = sum(losses.batch_hard_triplet(f, labels, margin=loss.tri_margin)
-              for f in _triplet_feats(out, loss.tri_on))
-    terms["triplet"] = tri
-    total += loss.w_tri * tri
-  terms["loss"] = total
-  return total, terms
+    terms["triplet"] = sum(losses.batch_hard_triplet(f, labels, margin=loss.tri_margin)
+                           for f in _triplet_feats(out, loss.tri_on))
+  return terms
 
 
-def make_train_step(setup: Setup, *, steps_per_epoch: int, pipeline: pipeline_lib.PipelineConfig,
-                    axis_name: str | None, devices: int, sync_bn: bool = True):
-  """The per-device train step `(state, batch) -> (state, metrics)` (see parallel.py).
+def _either(a, b):
+  if a is None or b is None:
+    return None
+  return a | b
+
+
+def step_parts(setup: api.Setup, phase_: int, ctx: api.StepContext) -> api.StepParts:
+  """MAUM's pieces of the train step for phase 0 (no cross-modality terms) or 1.
 
   Args:
     setup: from `init`.
-    steps_per_epoch: to derive the epoch (phase and bank initialisation) from `state.step`.
-    pipeline: the pipeline config, for `device_augment`.
-    axis_name: the data axis of the collectives, or None on a single device.
-    devices: number of devices sharing the global batch.
-    sync_bn: average BatchNorm statistics over devices (one BN over the global batch, as the
-      single-GPU references); False keeps per-device batch statistics and averages only the
-      running statistics after the step.
+    phase_: `phase(setup, epoch)` of the steps this will run.
+    ctx: the data axis and device count.
   """
-  loss = setup.loss
-  model = setup.model.clone(axis_name=axis_name if sync_bn else None)
-  tx = setup.tx
-  start_step = loss.uni_start_epoch * steps_per_epoch
+  loss = setup.config
+  model = setup.model.clone(axis_name=ctx.bn_axis_name)
+  cross_modal = bool(phase_)
+  start_step = loss.uni_start_epoch * setup.data.steps_per_epoch
+  banks = cross_modal and loss.uses_memory
+  ref_valid_rgb, ref_valid_ir = class_masks(loss, setup.data)
 
-  def step(state: state_lib.TrainState, batch):
-    batch = pipeline_lib.device_augment(batch, pipeline)
-    labels_rgb = parallel.gather(batch["rgb"]["label"].astype(jnp.int32), axis_name)
-    labels_ir = parallel.gather(batch["ir"]["label"].astype(jnp.int32), axis_name)
-    memory = state.memory
-    if loss.uses_memory:  # fill the banks with the current proxies when phase 2 starts
-      def fill(banks):
-        return {g: memory_lib.fill_bank(m, state.params["proxies"][g]["rgb"],
-                                        state.params["proxies"][g]["ir"])
-                for g, m in banks.items()}
+  def loss_fn(params, state: state_lib.TrainState, batch, rng):
+    del rng  # MAUM draws no random numbers in the step
+    labels_rgb = ctx.gather(batch["rgb"]["label"].astype(jnp.int32))
+    labels_ir = ctx.gather(batch["ir"]["label"].astype(jnp.int32))
+    out, updates = model.apply({"params": params["model"], "batch_stats": state.batch_stats},
+                               batch["rgb"]["image"], batch["ir"]["image"], train=True,
+                               mutable=["batch_stats"])
+    b = batch["rgb"]["image"].shape[0]
+    out = {g: {k: jnp.concatenate([ctx.gather(v[:b]), ctx.gather(v[b:])])
+               for k, v in o.items()} for g, o in out.items()}
+    terms = compute_losses(out, labels_rgb, labels_ir, params["proxies"],
+                           state.method_state if banks else {}, loss, cross_modal=cross_modal,
+                           ref_valid_rgb=ref_valid_rgb, ref_valid_ir=ref_valid_ir)
+    return terms, updates["batch_stats"]
 
-      # A cond, not a select: the fill runs on one step of the run, not on every step.
-      memory = jax.lax.cond(state.step == start_step, fill, lambda banks: banks, memory)
-    uni_weight = jnp.where(state.step >= start_step, loss.w_uni, 0.0)
+  def fill(state: state_lib.TrainState):
+    """On the phase's first step, every bank slot becomes the current proxies."""
 
-    def loss_fn(params):
-      out, updates = model.apply({"params": params["model"], "batch_stats": state.batch_stats},
-                                 batch["rgb"]["image"], batch["ir"]["image"], train=True,
-                                 mutable=["batch_stats"])
-      b = batch["rgb"]["image"].shape[0]
-      out = {g: {k: jnp.concatenate([parallel.gather(v[:b], axis_name),
-                                     parallel.gather(v[b:], axis_name)]) for k, v in o.items()}
-             for g, o in out.items()}
-      total, terms = compute_losses(out, labels_rgb, labels_ir, params["proxies"], memory, loss,
-                                    uni_weight)
-      # Every device computes the same global loss; its share makes the psum of the
-      # gradients the gradient of the global loss (parallel.py).
-      return total / devices, (terms, updates["batch_stats"])
+    def refill(method_state):
+      return {g: memory_lib.fill_bank(m, state.params["proxies"][g]["rgb"],
+                                      state.params["proxies"][g]["ir"])
+              for g, m in method_state.items()}
 
-    grads, (terms, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
-    grads = parallel.psum(grads, axis_name)
-    if not sync_bn:
-      batch_stats = parallel.pmean(batch_stats, axis_name)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    if loss.uses_memory:
-      memory = {g: memory_lib.update_bank(
-          m, params["proxies"][g]["rgb"], params["proxies"][g]["ir"], step=state.step,
-          mode=loss.mem_mode, every=loss.mem_update_every, momentum=loss.mem_momentum)
-          for g, m in memory.items()}
-    new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                        opt_state=opt_state, memory=memory)
-    finite = jnp.isfinite(terms["loss"])
-    new = state_lib.keep_if_finite(finite, new, state)
-    metrics = dict(terms, finite=finite.astype(jnp.float32),
-                   grad_norm=optax.tree.norm(grads))
-    return new, metrics
+    # A cond, not a select: the fill runs on one step of the run, not on every step.
+    return jax.lax.cond(state.step == start_step, refill, lambda m: m, state.method_state)
 
-  return step
+  def after(state: state_lib.TrainState, params):
+    if loss.proxy_unit_norm:
+      params = dict(params, proxies=_normalize_proxies(params["proxies"]))
+    method_state = state.method_state
+    if banks:  # written from the updated proxies; the write interval counts from the phase start
+      method_state = {g: memory_lib.update_bank(
+          m, params["proxies"][g]["rgb"], params["proxies"][g]["ir"],
+          step=state.step - start_step, mode=loss.mem_mode, every=loss.mem_update_every,
+          momentum=loss.mem_momentum) for g, m in method_state.items()}
+    return params, method_state
+
+  groups = tuple(setup.state.params["proxies"])
+  return api.StepParts(
+      loss=loss_fn, weights=loss_weights(loss, groups, cross_modal=cross_modal),
+      before=fill if banks else None,
+      after=after if (banks or loss.proxy_unit_norm) else None)
 
 
-def make_embed(setup: Setup):
+def embed(setup: api.Setup):
   """Jitted `(variables, images [B,H,W,3] float32, modality [B]) -> features [B, D]`."""
   model = setup.model
 
   @jax.jit
-  def embed(variables, images, modality):
+  def fn(variables, images, modality):
     return model.apply(variables, images, modality, method=reid_lib.ReidNet.embed)
 
-  return embed
+  return fn
 
 
 def variables_of(state: state_lib.TrainState) -> dict[str, Any]:

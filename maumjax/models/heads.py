@@ -23,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+# One l2_normalize for the whole library (finite gradient at 0), re-exported for the heads' users.
+from maumjax.losses.metric import l2_normalize  # noqa: F401
 from maumjax.models.resnet import BN_EPSILON, BN_MOMENTUM
 
 POOLS = ("gem", "avg")
@@ -59,12 +61,6 @@ def pool2d(x: jax.Array, pool: str, gem_p: float = 3.0) -> jax.Array:
   if pool == "avg":
     return avg_pool(x)
   raise ValueError(f"unknown pool {pool!r}; use one of {POOLS}")
-
-
-def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-  """x / max(||x||, eps) along `axis` (torch.nn.functional.normalize semantics)."""
-  norm = jnp.linalg.norm(x, axis=axis, keepdims=True)
-  return x / jnp.maximum(norm, eps)
 
 
 def stripe_bounds(height: int, num_parts: int) -> list[tuple[int, int]]:

@@ -152,3 +152,35 @@ class ReidNet(nn.Module):
     out = self._trunk_and_heads(x, train=False)
     feats = [l2_normalize(out[g]["bn"], axis=-1) for g in self.head_groups]
     return jnp.concatenate([f.reshape(f.shape[0], -1) for f in feats], axis=-1)
+
+
+BACKBONE_MODULES = ("rgb", "ir", "shared")
+
+
+def head_dims(model: ReidNet, variables,
+              image_shape: tuple[int, int]) -> dict[str, tuple[int, int]]:
+  """(heads, width) per output group, read from a forward pass's shapes (no compute)."""
+  shape = (1, *image_shape, 3)
+  out = jax.eval_shape(lambda v: model.apply(v, jnp.zeros(shape), jnp.zeros(shape),
+                                             train=False), variables)
+  return {g: (o["bn"].shape[1], o["bn"].shape[2]) for g, o in out.items()}
+
+
+def param_groups(params, *, model_key: str = "model") -> Any:
+  """'backbone' for the ResNet stages (both stems and the shared trunk), 'head' otherwise.
+
+  Args:
+    params: a method's parameter tree whose `params[model_key]` holds a ReidNet's params;
+      everything else (proxies, classifiers) is 'head'.
+    model_key: the key of the ReidNet's params.
+
+  Returns:
+    The same tree with 'backbone' or 'head' at every leaf (for `train.optim.make_optimizer`).
+  """
+
+  def label(path, _):
+    keys = [getattr(p, "key", None) for p in path]
+    return ("backbone" if len(keys) > 1 and keys[0] == model_key
+            and keys[1] in BACKBONE_MODULES else "head")
+
+  return jax.tree_util.tree_map_with_path(label, params)

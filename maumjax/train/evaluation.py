@@ -1,8 +1,9 @@
 """Evaluating a trained model: in the training loop and from a saved workdir.
 
-`evaluate` runs the dataset's protocol (`maumjax.eval.runner`) on a train state's model;
-`evaluate_workdir` restores a run made by `maumjax.train.loop` (its config.json and latest or
-chosen checkpoint) and evaluates it, as `python -m experiments.evaluate --workdir=DIR` does.
+`evaluate` runs the dataset's protocol (`maumjax.eval.runner`) on a train state's model, with
+the method's `embed`; `evaluate_workdir` restores a run made by `maumjax.train.loop` (its
+config.json names the method; latest or chosen checkpoint) and evaluates it, as
+`python -m experiments.evaluate --workdir=DIR` does.
 """
 
 from __future__ import annotations
@@ -14,18 +15,20 @@ from typing import Any
 
 import jax
 
+from maumjax import methods
 from maumjax.eval import protocol
 from maumjax.eval import runner
-from maumjax.methods import maum as maum_method
 from maumjax.train import checkpoint as checkpoint_lib
+from maumjax.train import inputs
 
 
-def evaluate(setup, state, prepared, config: dict[str, Any], *, full: bool,
+def evaluate(method, setup, state, prepared, config: dict[str, Any], *, full: bool,
              out_dir: str | os.PathLike | None = None) -> runner.Report:
   """Runs the evaluation protocol on the state's model.
 
   Args:
-    setup: the method setup (model).
+    method: the method module (`maumjax.methods.METHODS[config['method']]`).
+    setup: the method's setup (model).
     state: an unreplicated train state.
     prepared: the `PreparedDataset` (builder and manual dir).
     config: run config; its `eval` section selects trials/settings.
@@ -34,8 +37,8 @@ def evaluate(setup, state, prepared, config: dict[str, Any], *, full: bool,
     out_dir: where the runner writes its JSON record and plots (None: nothing written).
   """
   ev = config["eval"]
-  embed = maum_method.make_embed(setup)
-  variables = jax.device_get(maum_method.variables_of(state))
+  embed = method.embed(setup)
+  variables = jax.device_get(method.variables_of(state))
 
   def extract(images, modality):
     return embed(variables, images, modality)
@@ -77,26 +80,22 @@ def evaluate_workdir(workdir: str | os.PathLike, *, step: int | None = None,
   Raises:
     FileNotFoundError: the workdir has no config.json or no checkpoint.
   """
-  from maumjax.train import loop  # loop imports this module
-
   workdir = Path(workdir).absolute()
   path = workdir / "config.json"
   if not path.exists():
     raise FileNotFoundError(f"{path} not found: --workdir must be a run directory made by "
-                            "python -m experiments.maum")
+                            "python -m experiments.<method> (e.g. experiments.maum)")
   config = json.loads(path.read_text())
   config["eval"].update(overrides or {})
-  prepared, _, pipe = loop.prepare(config)
-  num_classes = int(pipe.metadata["label"][pipe.keep].max()) + 1
-  setup = maum_method.init(config, num_classes=num_classes,
-                           image_shape=(config["data"]["height"], config["data"]["width"]),
-                           steps_per_epoch=pipe.steps_per_epoch, seed=config["seed"])
+  method = methods.get(config["method"])
+  prepared, _, pipe, _ = inputs.prepare(config)
+  setup = method.init(config, inputs.data_info(pipe, config), seed=config["seed"])
   with checkpoint_lib.Checkpointer(workdir) as ckpt:
     if ckpt.latest_step() is None:
       raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first")
     state, meta = ckpt.restore(setup.state, step)
   out_dir = workdir / f"eval_step{meta['step']}"
-  report = evaluate(setup, state, prepared, config, full=True, out_dir=out_dir)
+  report = evaluate(method, setup, state, prepared, config, full=True, out_dir=out_dir)
   result = {"summary": summarize(report), "table": report.table, "protocol": report.record,
             "step": meta["step"], "out_dir": str(out_dir)}
   (out_dir / "metrics.json").write_text(json.dumps(result, indent=1))

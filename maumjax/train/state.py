@@ -9,8 +9,11 @@
 | `params` | weights, including the MAUM proxies | the optimiser |
 | `batch_stats` | BatchNorm running statistics | `apply(..., mutable=['batch_stats'])` |
 | `opt_state` | optax state | the optimiser |
-| `memory` | non-optimised method state (MAUM proxy banks) or `{}` | the step, after the update |
+| `method_state` | the method's non-optimised state or `{}` (*) | the method's step hooks |
 | `rng` | a raw uint32[2] key; per-step keys are `fold_in(rng, step)` | never |
+
+(*) MAUM's proxy banks, MPANet's mean classifiers, MMM's cluster memories; see
+`maumjax/methods/api.py`.
 """
 
 from __future__ import annotations
@@ -31,14 +34,15 @@ class TrainState:
   params: Any
   batch_stats: Any
   opt_state: Any
-  memory: Any
+  method_state: Any
   rng: jax.Array
 
   @classmethod
-  def create(cls, *, params, batch_stats, tx, memory=None, seed: int = 0) -> TrainState:
+  def create(cls, *, params, batch_stats, tx, method_state=None, seed: int = 0) -> TrainState:
     """A fresh state at step 0 with the optimiser state of `tx` for `params`."""
     return cls(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-               opt_state=tx.init(params), memory={} if memory is None else memory,
+               opt_state=tx.init(params),
+               method_state={} if method_state is None else method_state,
                rng=jax.random.PRNGKey(seed))
 
   def variables(self) -> dict[str, Any]:
@@ -49,12 +53,3 @@ class TrainState:
 def num_params(tree) -> int:
   """Number of scalars in a pytree of arrays."""
   return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
-
-
-def keep_if_finite(ok: jax.Array, new: TrainState, old: TrainState) -> TrainState:
-  """`new` where `ok` is true, else `old` (elementwise select over the whole state).
-
-  The train step uses this so that a non-finite loss never reaches the parameters: the state
-  stays the last good one, the host sees the flag and stops (`maumjax.train.loop`).
-  """
-  return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)

@@ -27,7 +27,7 @@ def test_synthetic_sysu_end_to_end(tmp_path, monkeypatch):
   text = summary.prepare_and_describe(_data())
   assert "sysu_mm01 (synthetic) config 32x16" in text
   assert "rgb image (4, 32, 16, 3) float32" in text and "ir  image (4, 32, 16, 3)" in text
-  prepared = summary.prepare_from_dict(_data())  # second call reuses the cache
+  prepared = prepare_lib.prepare_from_config(_data())  # second call reuses the cache
   assert prepared.synthetic and prepared.manual_dir.parent == tmp_path / "synthetic"
   n_files = sum(1 for _ in prepared.manual_dir.glob("cam*/*/*.jpg"))
   splits = prepared.builder.info.splits
@@ -46,7 +46,7 @@ def test_synthetic_sysu_end_to_end(tmp_path, monkeypatch):
 
 def test_synthetic_regdb_trial(tmp_path, monkeypatch):
   monkeypatch.setenv("MAUMJAX_CACHE", str(tmp_path))
-  prepared = summary.prepare_from_dict(_data("regdb"))
+  prepared = prepare_lib.prepare_from_config(_data("regdb"))
   assert prepared.builder.builder_config.trial == 2
   splits = prepared.builder.info.splits
   # 10 identities, half train: 5 ids x 4 images x 2 modalities; each test side 5 x 4.

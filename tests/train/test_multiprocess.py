@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import maum as maum_configs
-from maumjax.data import summary
+from maumjax.data import prepare as prepare_lib
 from maumjax.train import checkpoint as checkpoint_lib
 from maumjax.train import evaluation
 from tests.train.test_parallel import _assert_same
@@ -78,7 +78,8 @@ def _state(workdir: Path):
   with checkpoint_lib.Checkpointer(workdir) as ckpt:
     meta = ckpt.read_meta()
     raw = ckpt.restore_arrays()
-  return meta, jax.tree.map(np.asarray, {"params": raw["params"], "memory": raw["memory"]})
+  return meta, jax.tree.map(np.asarray, {"params": raw["params"],
+                                         "method_state": raw["method_state"]})
 
 
 @pytest.mark.slow
@@ -86,7 +87,7 @@ def test_two_processes_match_one_process(tmp_path, monkeypatch):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "MAUMJAX_CACHE": str(tmp_path / "cache")}
   monkeypatch.setenv("MAUMJAX_CACHE", str(tmp_path / "cache"))
   # Build the smoke data once, so the runs only read it.
-  summary.prepare_from_dict(maum_configs.get_config("smoke").to_dict()["data"])
+  prepare_lib.prepare_from_config(maum_configs.get_config("smoke").to_dict()["data"])
 
   port = _free_port()
   multi = [_launch(pid, 2, port, tmp_path / "two", env) for pid in range(2)]
@@ -102,7 +103,7 @@ def test_two_processes_match_one_process(tmp_path, monkeypatch):
   assert meta1["step"] == meta2["step"] == STEPS
   assert jax.tree.structure(one) == jax.tree.structure(two)
   _assert_same(two["params"], one["params"], "params")
-  _assert_same(two["memory"], one["memory"], "memory")
+  _assert_same(two["method_state"], one["method_state"], "method_state")
   # Both runs trained (non-zero gradients) and logged the same losses, from process 0 only.
   logs = [[json.loads(ln) for ln in (tmp_path / d / "log.jsonl").read_text().splitlines()]
           for d in ("one", "two")]
