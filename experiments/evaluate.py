@@ -1,8 +1,10 @@
 """Evaluate a saved run: `python -m experiments.evaluate --workdir=DIR [--step=N]`.
 
-Restores the checkpoint (default: the latest) of a run made by `experiments.maum`, rebuilds the
-model from the run's `config.json` and runs the full protocol of its dataset (SYSU-MM01: all- and
-indoor-search, single- and multi-shot, `eval.trials` trials; RegDB: both directions). Prints
+Restores the checkpoint (default: the latest) of a run made by any training entry point
+(`experiments.maum`, ...), rebuilds the method's model from the run's `config.json` (which
+names the method, looked up in `maumjax.methods.METHODS`) and runs the full protocol of its
+dataset (SYSU-MM01: all- and indoor-search, single- and multi-shot, `eval.trials` trials;
+RegDB: both directions). Prints
 the table and writes `<workdir>/eval_step<N>/` (JSON record, CMC plot, ranked lists) and
 `<workdir>/eval_step<N>/metrics.json`. `--eval.<field>` style overrides: --trials, --flip,
 --sampling.
@@ -17,7 +19,7 @@ from absl import app, flags, logging
 from maumjax import compilation_cache
 from maumjax.train import evaluation
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory made by experiments.maum.",
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory made by a training entry point.",
                                required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 _TRIALS = flags.DEFINE_integer("trials", None, "SYSU-MM01 trials (default: the run's eval.trials).")

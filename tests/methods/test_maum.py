@@ -70,6 +70,7 @@ ROW_TERMS = {
     "ms": {"ms_parts", "triplet"},
     "uni": {"ms_parts", "ir_to_rgb_parts", "rgb_to_ir_parts", "triplet"},
     "maum": {"ms_parts", "ir_to_rgb_parts", "rgb_to_ir_parts", "triplet"},
+    "bidir": {"ms_parts", "ir_to_rgb_parts", "rgb_to_ir_parts", "triplet"},
 }
 
 
@@ -79,7 +80,7 @@ def test_each_ablation_row_trains_its_own_terms(row):
   setup = _setup(_config(row))
   proxies = setup.state.params["proxies"]["parts"]
   assert set(proxies) == ({"shared"} if row == "baseline" else {"rgb", "ir"})
-  assert bool(setup.state.method_state) == (row == "maum")
+  assert bool(setup.state.method_state) == (row in ("maum", "bidir"))
   phase = maum.phase(setup, 1)
   parts = maum.step_parts(setup, phase, api.StepContext())
   assert set(parts.weights) == ROW_TERMS[row]
@@ -88,24 +89,29 @@ def test_each_ablation_row_trains_its_own_terms(row):
   terms, _ = parts.loss(state.params, state, batch, jax.random.PRNGKey(0))
   assert set(terms) == ROW_TERMS[row]
 
-  def term_grad(name):
-    return jax.grad(lambda p: parts.loss(p, state, batch, jax.random.PRNGKey(0))[0][name])(
-        state.params)["proxies"]["parts"]
+  @jax.jit
+  def grad_norms(params):
+    """Per term: the norm of its gradient w.r.t. each proxy set and the part-head kernel."""
+    out = {}
+    for name in ROW_TERMS[row]:
+      g = jax.grad(lambda p, n=name: parts.loss(p, state, batch, jax.random.PRNGKey(0))[0][n])(
+          params)
+      out[name] = {**{k: jnp.linalg.norm(v) for k, v in g["proxies"]["parts"].items()},
+                   "features": jnp.linalg.norm(g["model"]["parts_head"]["reduce_kernel"])}
+    return out
 
-  def norm(x):
-    return float(jnp.linalg.norm(x))
-
+  norms = jax.device_get(grad_norms(state.params))
   if row == "baseline":
-    assert norm(term_grad("shared_parts")["shared"]) > 0
+    assert norms["shared_parts"]["shared"] > 0
   else:
-    g = term_grad("ms_parts")
-    assert norm(g["rgb"]) > 0 and norm(g["ir"]) > 0
-  if "ir_to_rgb_parts" in terms:  # stop-gradient: the cross-modality terms train features only
-    for name in ("ir_to_rgb_parts", "rgb_to_ir_parts"):
-      g = term_grad(name)
-      assert norm(g["rgb"]) == 0 and norm(g["ir"]) == 0
-      assert norm(jax.grad(lambda p, n=name: parts.loss(p, state, batch, jax.random.PRNGKey(0))
-                           [0][n])(state.params)["model"]["parts_head"]["reduce_kernel"]) > 0
+    assert norms["ms_parts"]["rgb"] > 0 and norms["ms_parts"]["ir"] > 0
+  if "ir_to_rgb_parts" in terms:
+    # With the stop-gradient the cross-modality terms train the features only; the bidir
+    # control (no stop-gradient) also moves the counterpart proxies.
+    for name, counterpart in (("ir_to_rgb_parts", "rgb"), ("rgb_to_ir_parts", "ir")):
+      own = "ir" if counterpart == "rgb" else "rgb"
+      assert norms[name][own] == 0 and norms[name]["features"] > 0
+      assert (norms[name][counterpart] > 0) == (row == "bidir")
   # One full step: the total is the weighted sum of exactly these terms.
   _, metrics = _step(setup, phase)(state, batch)
   assert set(metrics) - {"loss", "finite", "grad_norm"} == ROW_TERMS[row]

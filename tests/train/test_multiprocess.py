@@ -2,8 +2,11 @@
 
 Each process reads its share of every batch (the pipeline shards identities by process), the
 step all-gathers features and averages BatchNorm statistics over all 4 devices, and Orbax
-writes one checkpoint from both processes. The parameters and memory banks after a few steps
-must equal those of one process with 4 devices on the same data, within float tolerance.
+writes one checkpoint from both processes. The parameters and memory banks after the first
+step (bank fill, cross-modality terms, bank write: uni_start_epoch=0) must equal those of one
+process with 4 devices on the same data, within float tolerance. One step, because the
+gradient all-reduce may sum in another order across processes and training amplifies that
+rounding over later steps at a CPU-dependent rate (tests/train/test_loop.py measures it).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from maumjax.train import evaluation
 from tests.train.test_parallel import _assert_same
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = 3
+STEPS = 1
 
 # One process of a run: its device count must be set before JAX starts.
 WORKER = """
