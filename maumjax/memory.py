@@ -139,6 +139,7 @@ def update_bank(
   mode: str = "fifo",
   every: int = 1,
   momentum: float = 0.9,
+  enabled: bool | jax.Array = True,
 ) -> ProxyBank | None:
   """Writes the new proxies into the bank if `step % every == 0`; otherwise returns it unchanged.
 
@@ -154,6 +155,8 @@ def update_bank(
     mode: 'fifo' (history queue) or 'ema' (one momentum slot); see the module docstring.
     every: write interval in steps (`mem_update_every`, default 1).
     momentum: μ of the 'ema' mode.
+    enabled: a (traced) bool; False skips the write whatever the step (the trainer passes
+      False for a step it will not apply).
 
   Returns:
     The updated bank; never carries gradient to the proxies.
@@ -172,7 +175,7 @@ def update_bank(
       f"proxies {snap_rgb.shape}/{snap_ir.shape} do not match the bank's [H, C, D] = "
       f"{bank.rgb.shape[1:]}; re-initialise the bank with init_bank."
     )
-  write = jnp.asarray(step) % every == 0
+  write = (jnp.asarray(step) % every == 0) & jnp.asarray(enabled, bool)
   ptr = bank.ptr
 
   def new_slot(slots: jax.Array, snap: jax.Array) -> jax.Array:

@@ -166,15 +166,17 @@ class StepParts:
       weight is an error, not a silent default); the total is sum(weight * term).
     before: `state -> method_state`, run before the loss (MAUM's bank fill at the phase
       start, MPANet's mean-classifier EMA); None keeps it.
-    after: `(state, new_params) -> (new_params, method_state)`, run after the optimiser update
-      with the state as the loss saw it (MAUM's bank write from the updated proxies and its
-      optional proxy renormalisation, MMM's memory update); None keeps both.
+    after: `(state, new_params, finite) -> (new_params, method_state)`, run after the
+      optimiser update with the state as the loss saw it (MAUM's bank write from the updated
+      proxies and its optional proxy renormalisation, MMM's memory update); None keeps both.
+      `finite` (bool scalar) is False for a step the skeleton will not apply: the method must
+      then leave its state as `before` left it (gate its writes with it).
   """
 
   loss: LossFn
   weights: Mapping[str, float]
   before: Callable[[state_lib.TrainState], Any] | None = None
-  after: Callable[[state_lib.TrainState, Any], tuple[Any, Any]] | None = None
+  after: Callable[[state_lib.TrainState, Any, jax.Array], tuple[Any, Any]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -330,15 +330,16 @@ def step_parts(setup: api.Setup, phase_: int, ctx: api.StepContext) -> api.StepP
     # A cond, not a select: the fill runs on one step of the run, not on every step.
     return jax.lax.cond(state.step == start_step, refill, lambda m: m, state.method_state)
 
-  def after(state: state_lib.TrainState, params):
+  def after(state: state_lib.TrainState, params, finite: jax.Array):
     if loss.proxy_unit_norm:
       params = dict(params, proxies=_normalize_proxies(params["proxies"]))
     method_state = state.method_state
     if banks:  # written from the updated proxies; the write interval counts from the phase start
+      # A step that will not be applied writes nothing.
       method_state = {g: memory_lib.update_bank(
           m, params["proxies"][g]["rgb"], params["proxies"][g]["ir"],
           step=state.step - start_step, mode=loss.mem_mode, every=loss.mem_update_every,
-          momentum=loss.mem_momentum) for g, m in method_state.items()}
+          momentum=loss.mem_momentum, enabled=finite) for g, m in method_state.items()}
     return params, method_state
 
   groups = tuple(setup.state.params["proxies"])

@@ -13,11 +13,11 @@ For ONE device's shard of the global batch, in pmap semantics (`maumjax.train.pa
    global loss;
 4. the optax update; BatchNorm running statistics averaged over devices when the method keeps
    per-device batch statistics (`ctx.sync_bn=False`);
-5. `parts.after(state, new_params)`: method state written from the updated parameters (and
-   parameters the method constrains, e.g. proxies kept on the unit sphere);
-6. the finite guard: a step whose loss, gradients or new parameters are not finite is not
-   applied (the state stays the last good one, under `lax.cond`, so a good step costs no
-   select over the state) and `metrics['finite']` is 0, which stops the loop;
+5. `parts.after(state, new_params, finite)`: method state written from the updated parameters
+   (and parameters the method constrains, e.g. proxies kept on the unit sphere);
+6. the finite guard: a step whose loss, gradients or update are not finite is not applied
+   (parameters, statistics, optimiser state and step stay as they were, the method skips its
+   writes) and `metrics['finite']` is 0, which stops the loop before anything is saved;
 7. metrics: every unweighted term, the weighted total 'loss', 'grad_norm' and 'finite'.
 """
 
@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -52,15 +54,6 @@ def weighted_total(terms: Mapping[str, jax.Array], weights: Mapping[str, float])
   return total
 
 
-def tree_is_finite(tree) -> jax.Array:
-  """True when every floating leaf of `tree` is finite (one fused reduction per leaf)."""
-  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-  ok = jnp.asarray(True)
-  for x in leaves:
-    ok = ok & jnp.all(jnp.isfinite(x))
-  return ok
-
-
 def make_train_step(parts: api.StepParts, *, tx: optax.GradientTransformation,
                     pipeline: pipeline_lib.PipelineConfig, ctx: api.StepContext):
   """The per-device train step `(state, batch) -> (state, metrics)`.
@@ -82,7 +75,6 @@ def make_train_step(parts: api.StepParts, *, tx: optax.GradientTransformation,
   def step(state: state_lib.TrainState, batch: Mapping[str, Any]):
     batch = pipeline_lib.device_augment(batch, pipeline)
     rng = jax.random.fold_in(state.rng, state.step)
-    old = state
     if parts.before is not None:
       state = state.replace(method_state=parts.before(state))
     grads, (total, terms, batch_stats) = jax.grad(loss_fn, has_aux=True)(
@@ -91,16 +83,23 @@ def make_train_step(parts: api.StepParts, *, tx: optax.GradientTransformation,
     if not ctx.sync_bn:
       batch_stats = parallel.pmean(batch_stats, ctx.axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    grad_norm = optax.tree.norm(grads)
+    # The update's norm covers the new parameters: finite parameters plus a finite update stay
+    # finite (unless a sum overflows, which the next step's loss would show before a save).
+    finite = (jnp.isfinite(total) & jnp.isfinite(grad_norm)
+              & jnp.isfinite(optax.tree.norm(updates)))
     params = optax.apply_updates(state.params, updates)
     method_state = state.method_state
     if parts.after is not None:
-      params, method_state = parts.after(state, params)
-    new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                        opt_state=opt_state, method_state=method_state)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm) & tree_is_finite(
-        (params, batch_stats, method_state))
-    new = jax.lax.cond(finite, lambda: new, lambda: old)
+      params, method_state = parts.after(state, params, finite)
+    # A non-finite step is not applied. The selects are elementwise on values the update
+    # computes anyway, so XLA fuses them into the update (no extra pass over the state); the
+    # method gates its own state writes with `finite` (in place, e.g. one bank slot).
+    keep = functools.partial(jax.tree.map, lambda a, b: jnp.where(finite, a, b))
+    new = state.replace(step=state.step + finite.astype(state.step.dtype),
+                        params=keep(params, state.params),
+                        batch_stats=keep(batch_stats, state.batch_stats),
+                        opt_state=keep(opt_state, state.opt_state), method_state=method_state)
     metrics = dict(terms, loss=total, finite=finite.astype(jnp.float32), grad_norm=grad_norm)
     return new, metrics
 

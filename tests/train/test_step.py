@@ -38,9 +38,11 @@ def _parts(log):
   def before(state):
     return {"seen": state.method_state["seen"] + 1.0}
 
-  def after(state, new_params):
-    # The written state is the updated parameters' sum (MAUM writes its banks like this).
-    return new_params, {"seen": state.method_state["seen"] + jnp.sum(new_params["w"])}
+  def after(state, new_params, finite):
+    # The written state is the updated parameters' sum (MAUM writes its banks like this),
+    # skipped on a step that will not be applied.
+    seen = state.method_state["seen"]
+    return new_params, {"seen": jnp.where(finite, seen + jnp.sum(new_params["w"]), seen)}
 
   return api.StepParts(loss=loss, weights={"a": 2.0, "b": 0.5}, before=before, after=after)
 
@@ -82,6 +84,14 @@ def test_a_non_finite_step_is_not_applied():
   assert float(metrics["loss"]) == 0.0  # the loss itself was finite
   good, metrics = step(state, _batch(x=(0.0, 0.0)))
   assert float(metrics["finite"]) == 1.0 and int(good.step) == 1
+  # With hooks: `after` is told to skip its write; what `before` computed from the last good
+  # state stands (MAUM's bank fill), the parameters and step do not move.
+  hooked = jax.jit(step_lib.make_train_step(_parts([]), tx=tx, pipeline=HOST,
+                                            ctx=api.StepContext()))
+  new, metrics = hooked(state, _batch(x=(np.nan, 1.0)))
+  assert float(metrics["finite"]) == 0.0 and int(new.step) == 0
+  assert float(new.method_state["seen"]) == 1.0
+  np.testing.assert_array_equal(np.asarray(new.params["w"]), [1.0, 2.0])
 
 
 def test_weighted_total_needs_every_weight():
