@@ -50,17 +50,23 @@ def _ctx(mode, config):
                          devices=parallel.device_count(mode), sync_bn=config["model"]["sync_bn"])
 
 
-def _run(mode, config, batches, start=None):
-  """Trains `batches` in `mode` from `start` (default: the initial state).
-
-  Each step runs the compiled step of its phase (steps_per_epoch=1 and uni_start_epoch=1:
-  phase 0 for step 0, phase 1 after). Returns the host state after every step and the losses.
-  """
+def _compiled(mode, config):
+  """The setup and one compiled step per phase (0 and 1) for `mode`."""
   pipe = pipeline_lib.PipelineConfig(augment_on="host")
   setup = maum.init(config, _data())
   ctx = _ctx(mode, config)
-  compiled = {p: parallel.CompiledStep(step_lib.method_step(maum, setup, p, pipeline=pipe,
-                                                            ctx=ctx), mode) for p in (0, 1)}
+  return setup, {p: parallel.CompiledStep(step_lib.method_step(maum, setup, p, pipeline=pipe,
+                                                               ctx=ctx), mode) for p in (0, 1)}
+
+
+def _run(mode, config, batches, start=None, built=None):
+  """Trains `batches` in `mode` from `start` (default: the initial state).
+
+  Each step runs the compiled step of its phase (steps_per_epoch=1 and uni_start_epoch=1:
+  phase 0 for step 0, phase 1 after). `built` reuses `_compiled(mode, config)`. Returns the
+  host state after every step and the losses.
+  """
+  setup, compiled = built or _compiled(mode, config)
   state = compiled[0].put_state(setup.state if start is None else start)
   states, losses = [], []
   for batch in batches:
@@ -100,9 +106,10 @@ def test_four_devices_match_one_device(mode):
   batches = _batches()
   single, loss_single = _run("none", config, batches)
   assert int(single[-1].step) == STEPS
+  built = _compiled(mode, config)
   for k in range(STEPS):
     [multi], [loss_multi] = _run(mode, config, batches[k:k + 1],
-                                 start=single[k - 1] if k else None)
+                                 start=single[k - 1] if k else None, built=built)
     np.testing.assert_allclose(loss_multi, loss_single[k], rtol=1e-5)
     assert int(multi.step) == k + 1
     for part in ("params", "batch_stats", "method_state", "opt_state"):
