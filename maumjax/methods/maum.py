@@ -259,8 +259,7 @@ def compute_losses(out, labels_rgb, labels_ir, proxies, memory, loss: LossConfig
     feats_rgb, feats_ir = o["bn"][:b], o["bn"][b:]
     p = proxies[g]
     if loss.shared_proxy:
-      both = (None if ref_valid_rgb is None and ref_valid_ir is None else
-              _either(ref_valid_rgb, ref_valid_ir))
+      both = _either(ref_valid_rgb, ref_valid_ir)
       terms[f"shared_{g}"] = losses.shared_proxy_loss(feats_rgb, labels_rgb, feats_ir, labels_ir,
                                                       p["shared"], ref_valid=both, **kw)
     if loss.ms_proxy:
@@ -284,6 +283,7 @@ def compute_losses(out, labels_rgb, labels_ir, proxies, memory, loss: LossConfig
 
 
 def _either(a, b):
+  """Classes present in either modality; None (every class) when either mask is None."""
   if a is None or b is None:
     return None
   return a | b
