@@ -8,16 +8,21 @@ RegDB: both directions). Prints
 the table and writes `<workdir>/eval_step<N>/` (JSON record, CMC plot, ranked lists) and
 `<workdir>/eval_step<N>/metrics.json`. `--eval.<field>` style overrides: --trials, --flip,
 --sampling.
+
+A mistake the user can fix (a --workdir that is not a run directory, a flag that does not
+parse, any `maumjax.errors.UserError` from the library) is printed as one line on stderr with
+exit status 2; `--verbose` adds the traceback (see experiments/cli.py).
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from absl import app, flags, logging
 
-from maumjax import compilation_cache
-from maumjax.train import evaluation
+from experiments import cli
+from maumjax.errors import UserError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory made by a training entry point.",
                                required=True)
@@ -28,10 +33,26 @@ _SAMPLING = flags.DEFINE_enum("sampling", None, ["agw", "official"],
                               "SYSU gallery sampler (default: the run's).")
 
 
+def _check_workdir(workdir: str) -> None:
+  """Raises UserError unless `workdir` is a run directory (it holds config.json)."""
+  path = Path(workdir)
+  how = "give the folder a training entry point wrote (python -m experiments.<method> --workdir=D)"
+  if not path.exists():
+    raise UserError(f"--workdir {workdir} does not exist; {how}")
+  if not path.is_dir():
+    raise UserError(f"--workdir {workdir} is a file; {how}")
+  if not (path / "config.json").is_file():
+    raise UserError(f"--workdir {workdir} is not a run directory (no config.json); {how}")
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}; flags are --name=value")
+  _check_workdir(_WORKDIR.value)
   logging.set_verbosity(logging.WARNING)
+  from maumjax import compilation_cache  # after the checks: they need no JAX import
+  from maumjax.train import evaluation
+
   compilation_cache.enable()
   overrides = {k: v for k, v in (("trials", _TRIALS.value), ("flip", _FLIP.value),
                                  ("sampling", _SAMPLING.value)) if v is not None}
@@ -42,4 +63,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

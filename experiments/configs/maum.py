@@ -28,7 +28,9 @@ Any field can be overridden with `--config.<section>.<field>=value`; every switc
 default (with its source tag) is documented in `maumjax/methods/maum.py` (LossConfig),
 `experiments/configs/common.py` (the run's top level, optim, train and eval sections),
 `maumjax/models/reid.py` (ReidNet), `maumjax/train/optim.py` (OptimConfig) and
-`maumjax/data/pipeline.py` (PipelineConfig).
+`maumjax/data/pipeline.py` (PipelineConfig). `python -m experiments.maum --help` lists the presets
+and every field with its default (`--config=experiments/configs/maum.py:sysu --help`: the
+sysu preset's); a misspelled field or preset is refused with the closest valid names.
 
 Paper numbers to compare with (single-shot, part-feature MAUM, maum.md §8): SYSU all-search
 R1 71.68 / mAP 68.79, indoor-search 76.97 / 81.94; RegDB visible->thermal 87.87 / 85.09,

@@ -9,4 +9,6 @@ Modules:
   sampler     P identities x K visible + K infrared sampler; modality-imbalance subsets.
   augment     augmentation parameters drawn on the host, applied in NumPy or jitted JAX.
   pipeline    Grain pipeline from a TFDS data source to training batches.
+  prepare     from a data config to a prepared dataset (synthetic data generated on demand).
+  progress    status lines and a tidy progress count for generation and builds.
 """

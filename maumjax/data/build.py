@@ -8,34 +8,55 @@ The `tfds` command line needs TensorFlow, so builds go through this module inste
       --config trial_3
   python -m maumjax.data.build sysu_mm01 --manual_dir ... --data_dir ... --height 256 --width 128
 
-The layout is validated before anything is written, and a failed build leaves nothing behind.
+The layout and every image are validated before anything is written, and a failed build leaves
+nothing behind. A build records what it was built from and is rebuilt when the manual dir
+points elsewhere or its files changed (see `build`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import json
 import logging
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import tensorflow_datasets as tfds
 
-from maumjax.data import images, layouts
+from maumjax.data import images, layouts, progress
 from maumjax.data.regdb import Regdb, RegdbConfig
 from maumjax.data.sysu_mm01 import SysuMm01, SysuMm01Config
+from maumjax.errors import UserError, one_line
+
+try:
+  import fcntl
+except ImportError:  # not POSIX: builds are not locked against each other
+  fcntl = None
 
 BUILDERS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
     "sysu_mm01": SysuMm01,
     "regdb": Regdb,
 }
 FILE_FORMAT = "array_record"
-# TFDS writes into <config>/incomplete.<random suffix>_<version>/ and renames it on success.
+# TFDS writes into <config>/incomplete.<random suffix>_<version>/ and renames it on success
+# (here inside a staging folder; a build killed before staging existed left it beside the
+# version folder).
 _INCOMPLETE_GLOB = "incomplete.*"
+# In <data_dir>/<name>/<config>/: the lock held while building, the staging folders of builds
+# in progress (`_write_staged`), and a replaced build on its way out.
+_LOCK_FILE = ".maumjax-build.lock"
+_STAGING_PREFIX = ".maumjax-staging-"
+_REPLACED_PREFIX = ".maumjax-replaced-"
+# In the version folder of a finished build: what it was built from (`source_record`).
+SOURCE_FILE = "maumjax_source.json"
 
 PathLike = str | os.PathLike[str]
 Config = str | tfds.core.BuilderConfig | None
@@ -110,8 +131,34 @@ def _fields(config: SysuMm01Config | RegdbConfig) -> dict[str, int | str]:
   return {n: getattr(config, n) for n in names if hasattr(config, n)}
 
 
-def validate_layout(name: str, manual_dir: PathLike, config: Config = None) -> Path:
+def _find_root(name: str, manual_dir: Path, flag: str) -> Path:
+  if name == "sysu_mm01":
+    return layouts.find_sysu_root(manual_dir, flag=flag)
+  return layouts.find_regdb_root(manual_dir, flag=flag)
+
+
+def _scan(name: str, root: Path,
+          config: SysuMm01Config | RegdbConfig) -> tuple[dict[str, list[layouts.Record]],
+                                                        tuple[str, ...]]:
+  """The records of every split (what the builder will write) and the ignored files."""
+  if name == "sysu_mm01":
+    tree = layouts.scan_sysu_mm01(root)
+    return ({split: layouts.sysu_records(tree, split) for split in layouts.SYSU_SPLITS},
+            tree.ignored)
+  tree = layouts.scan_regdb(root, trials=(config.trial,))
+  return ({split: layouts.regdb_records(tree, config.trial, split)
+           for split in layouts.REGDB_SPLITS}, tree.ignored)
+
+
+def validate_layout(name: str, manual_dir: PathLike, config: Config = None, *,
+                    flag: str = layouts.MANUAL_DIR_FLAG) -> Path:
   """Scans and validates the manual directory for `name` without writing anything.
+
+  Args:
+    name: 'sysu_mm01' or 'regdb'.
+    manual_dir: the directory holding the extracted dataset (or its parent).
+    config: see `build`.
+    flag: the caller's flag for the manual dir, named in the messages.
 
   Returns:
     The dataset root found in (or below) `manual_dir`.
@@ -120,31 +167,189 @@ def validate_layout(name: str, manual_dir: PathLike, config: Config = None) -> P
     LayoutError: see `layouts.scan_sysu_mm01` and `layouts.scan_regdb`.
   """
   config = _resolve_config(name, config)
-  if name == "sysu_mm01":
-    return layouts.scan_sysu_mm01(layouts.find_sysu_root(manual_dir)).root
-  return layouts.scan_regdb(layouts.find_regdb_root(manual_dir), trials=(config.trial,)).root
+  root = _find_root(name, Path(manual_dir).expanduser(), flag)
+  _scan(name, root, config)
+  return root
 
 
-def _remove_new(paths_before: dict[Path, bool], incomplete_before: set[Path],
-                config_dir: Path) -> None:
-  """Deletes what a failed `download_and_prepare` created.
+def source_record(name: str, manual_dir: PathLike, config: Config = None, *,
+                  flag: str = layouts.MANUAL_DIR_FLAG) -> dict[str, int | str]:
+  """What a build of `manual_dir` is built from: resolved paths and a cheap fingerprint.
 
-  TFDS removes its own incomplete.* directory, but keeps <name>/.config/, the empty
-  <name>/<config>/ and <data_dir>/downloads/; an interrupted process may keep more.
+  The fingerprint (`layouts.sysu_fingerprint` / `regdb_fingerprint`) covers the names and
+  sizes of the image files and the contents of the split files, from a stat walk; SYSU-MM01's
+  about 45,000 files take well under a second once the directory entries are cached.
+
+  Raises:
+    LayoutError: the manual dir is missing or holds no dataset.
   """
-  if config_dir.is_dir():
-    for path in config_dir.glob(_INCOMPLETE_GLOB):
-      if path not in incomplete_before:
-        shutil.rmtree(path, ignore_errors=True)
-  # Innermost first, so the outer checks see what remains.
+  config = _resolve_config(name, config)
+  manual_dir = Path(manual_dir).expanduser()
+  root = _find_root(name, manual_dir, flag)
+  if name == "sysu_mm01":
+    fingerprint = layouts.sysu_fingerprint(root)
+  else:
+    fingerprint = layouts.regdb_fingerprint(root, (config.trial,))
+  return {"manual_dir": str(manual_dir.resolve()), "root": str(root.resolve()), **fingerprint}
+
+
+def read_source_record(version_dir: PathLike) -> dict[str, Any] | None:
+  """The source record of a finished build in `version_dir`; None if absent or unreadable."""
+  version_dir = Path(version_dir)
+  if not (version_dir / "dataset_info.json").is_file():
+    return None
+  try:
+    record = json.loads((version_dir / SOURCE_FILE).read_text())
+  except (OSError, ValueError):
+    return None
+  return record if isinstance(record, dict) else None
+
+
+def _same_source(recorded: Mapping[str, Any] | None, current: Mapping[str, Any]) -> bool:
+  return recorded is not None and all(recorded.get(k) == current[k] for k in ("root", "sha1"))
+
+
+def _why_rebuild(label: str, version_dir: Path, recorded: Mapping[str, Any] | None,
+                 current: Mapping[str, Any]) -> str:
+  """One line saying why an existing build of `label` is not reused."""
+  keep = "the old build stays until the new one is complete"
+  if recorded is None:
+    return (f"{label} in {version_dir} does not record what it was built from (an older "
+            f"maumjax built it); rebuilding it from {current['root']}, {keep}")
+  if recorded.get("root") != current["root"]:
+    return (f"{label} in {version_dir} was built from {recorded.get('root')}, not from "
+            f"{current['root']}; rebuilding, {keep}")
+  return (f"{current['root']} changed since {label} was built ({recorded.get('files')} files, "
+          f"{recorded.get('bytes')} bytes then; {current['files']} files, {current['bytes']} "
+          f"bytes now); rebuilding, {keep}")
+
+
+class _DropCustomConfigWarning(logging.Filter):
+  """TFDS warns "Using custom data configuration: <config repr>" for every sized config."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Using custom data configuration")
+
+
+@contextlib.contextmanager
+def _quiet_tfds() -> Iterator[None]:
+  """Without TFDS's progress bars (the build shows its own count) and config-repr warning."""
+  from tensorflow_datasets.core.utils import tqdm_utils
+
+  active = getattr(tqdm_utils, "_active", True)
+  drop = _DropCustomConfigWarning()
+  absl_logger = logging.getLogger("absl")
+  tfds.display_progress_bar(False)
+  absl_logger.addFilter(drop)
+  try:
+    yield
+  finally:
+    absl_logger.removeFilter(drop)
+    tfds.display_progress_bar(active)
+
+
+def _open(cls: type[tfds.core.GeneratorBasedBuilder], data_dir: Path,
+          config: SysuMm01Config | RegdbConfig) -> tfds.core.DatasetBuilder:
+  with _quiet_tfds():
+    return cls(data_dir=os.fspath(data_dir), config=config, file_format=FILE_FORMAT)
+
+
+@contextlib.contextmanager
+def _build_lock(config_dir: Path, label: str) -> Iterator[None]:
+  """Holds an exclusive lock on `config_dir` (released by the kernel if the process dies)."""
+  with open(config_dir / _LOCK_FILE, "a") as lock:
+    if fcntl is not None:
+      try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        progress.note(f"waiting for another process that is building {label} in {config_dir}")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    yield
+
+
+def _remove_leftovers(config_dir: Path) -> None:
+  """Removes what interrupted builds left in `config_dir` (call it holding the lock).
+
+  A killed build leaves its staging folder (which holds TFDS's incomplete.* folder), or an
+  incomplete.* folder of its own when TFDS built here directly, or the previous build if it
+  died while swapping the new one in.
+  """
+  for pattern in (_INCOMPLETE_GLOB, f"{_STAGING_PREFIX}*", f"{_REPLACED_PREFIX}*"):
+    for path in sorted(config_dir.glob(pattern)):
+      progress.note(f"removing {path}, left by an interrupted build")
+      shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_new(paths_before: Mapping[Path, bool]) -> None:
+  """Deletes the folders in `paths_before` (innermost first) that did not exist before."""
   for path, existed in paths_before.items():
     if not existed and path.exists():
       shutil.rmtree(path, ignore_errors=True)
 
 
-def build(name: str, *, manual_dir: PathLike, data_dir: PathLike,
-          config: Config = None) -> tfds.core.DatasetBuilder:
-  """Validates the manual directory and builds the dataset as array_record.
+def _write_staged(cls: type[tfds.core.GeneratorBasedBuilder], config: SysuMm01Config | RegdbConfig,
+                  *, manual_dir: Path, data_dir: Path, source: Mapping[str, Any], total: int,
+                  flag: str) -> None:
+  """Builds into a staging folder beside the final one, then moves the result into place.
+
+  A good build already in place is replaced only once the new one is complete: two renames,
+  so a reader sees the old or the new build, and a process killed in between leaves no build
+  (the next one rebuilds). The staging folder is removed in any case.
+  """
+  name = cls.name
+  config_dir = data_dir / name / config.name
+  version_dir = config_dir / str(cls.VERSION)
+  staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=config_dir))
+  try:
+    with progress.Progress(f"building {name}/{config.name}", total) as bar:
+      builder = _open(cls, staging, config)
+      builder.manual_dir_flag = flag
+      builder.progress = bar.update
+      with _quiet_tfds():
+        builder.download_and_prepare(
+            file_format=FILE_FORMAT,
+            download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)))
+    built = staging / name / config.name / str(cls.VERSION)
+    (built / SOURCE_FILE).write_text(json.dumps(source, indent=1) + "\n")
+    metadata = staging / name / ".config"  # TFDS's default-config note, kept once per dataset
+    if metadata.is_dir() and not (data_dir / name / ".config").exists():
+      metadata.rename(data_dir / name / ".config")
+    if version_dir.exists():
+      replaced = Path(tempfile.mkdtemp(prefix=_REPLACED_PREFIX, dir=config_dir))
+      version_dir.rename(replaced / "old")
+      built.rename(version_dir)
+      shutil.rmtree(replaced, ignore_errors=True)
+    else:
+      built.rename(version_dir)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _summary(label: str, version_dir: Path, seconds: float,
+             splits: Mapping[str, Sequence[layouts.Record]], ignored: Sequence[str]) -> str:
+  counts = ", ".join(f"{split} {len(records)}" for split, records in splits.items())
+  line = f"built {label} in {version_dir} in {seconds:.1f} s ({counts})"
+  if ignored:
+    line += (f"; ignored {len(ignored)} file(s) in identity folders that are not dataset "
+             f"images, e.g. {ignored[0]!r}")
+  return line
+
+
+def build(name: str, *, manual_dir: PathLike, data_dir: PathLike, config: Config = None,
+          flag: str = layouts.MANUAL_DIR_FLAG) -> tfds.core.DatasetBuilder:
+  """Validates the manual directory and builds the dataset as array_record, or reuses a build.
+
+  A finished build records what it was built from (`SOURCE_FILE` in its version folder: the
+  resolved manual dir and dataset root, and the fingerprint of `source_record`). It is reused
+  only when the manual dir still resolves to the same root with the same fingerprint;
+  otherwise (another folder, added, removed or resized files, changed split files, or a build
+  from before the record existed) the dataset is rebuilt, and the old build is replaced only
+  once the new one is complete.
+
+  Before anything is written the layout is scanned and every image is checked
+  (`images.check_images`); a problem raises `LayoutError` with one line naming the file. The
+  build then runs under a lock on its config folder, removes what interrupted builds left
+  there, and writes into a staging folder that it moves into place when complete.
 
   Args:
     name: 'sysu_mm01' or 'regdb'.
@@ -152,36 +357,54 @@ def build(name: str, *, manual_dir: PathLike, data_dir: PathLike,
     data_dir: TFDS data directory; output goes to <data_dir>/<name>/<config>/<version>.
     config: a predefined config name, a config instance (e.g.
       `SysuMm01Config(name='64x32', height=64, width=32)`), or None for the default.
+    flag: the caller's flag for the manual dir, named in the messages ('--manual_dir' for the
+      build command line, '--config.data.manual_dir' for training).
 
   Returns:
     The prepared builder; `builder.as_data_source(split)` reads it.
 
   Raises:
-    LayoutError: bad layout or an undecodable image; nothing is left in `data_dir`.
+    LayoutError: bad layout or an undecodable image; nothing new is left in `data_dir`.
     ValueError: unknown dataset or config.
   """
   config = _resolve_config(name, config)
   cls = _builder_cls(name)
   manual_dir = Path(manual_dir).expanduser()
   data_dir = Path(data_dir).expanduser().absolute()
-  version_dir = data_dir / name / config.name / str(cls.VERSION)
-  builder = cls(data_dir=os.fspath(data_dir), config=config, file_format=FILE_FORMAT)
-  if (version_dir / "dataset_info.json").is_file():
-    logging.info("%s already prepared at %s; reusing it", name, version_dir)
-    return builder
-  validate_layout(name, manual_dir, config)
-  config_dir = version_dir.parent
-  tracked = [version_dir, config_dir, data_dir / name, data_dir / "downloads", data_dir]
+  config_dir = data_dir / name / config.name
+  version_dir = config_dir / str(cls.VERSION)
+  label = f"{name}/{config.name}"
+  source = source_record(name, manual_dir, config, flag=flag)
+  if _same_source(read_source_record(version_dir), source):
+    progress.note(f"using {label} in {version_dir} (built from {source['root']})")
+    return _open(cls, data_dir, config)
+  start = time.perf_counter()
+  root = Path(source["root"])
+  splits, ignored = _scan(name, root, config)
+  total = sum(len(records) for records in splits.values())
+  images.check_images(root, (r for records in splits.values() for r in records))
+  checked = time.perf_counter() - start
+  tracked = [config_dir, data_dir / name, data_dir]  # innermost first
   paths_before = {p: p.exists() for p in tracked}
-  incomplete_before = set(config_dir.glob(_INCOMPLETE_GLOB)) if config_dir.is_dir() else set()
   try:
-    builder.download_and_prepare(
-        file_format=FILE_FORMAT,
-        download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)))
+    config_dir.mkdir(parents=True, exist_ok=True)
+    with _build_lock(config_dir, label):
+      recorded = read_source_record(version_dir)
+      if _same_source(recorded, source):  # another process built it while we waited
+        progress.note(f"using {label} in {version_dir} (built from {source['root']})")
+        return _open(cls, data_dir, config)
+      _remove_leftovers(config_dir)
+      if (version_dir / "dataset_info.json").is_file():
+        progress.note(_why_rebuild(label, version_dir, recorded, source))
+      progress.note(f"Building {label} from {root} into {version_dir}: {total} images (all "
+                    f"checked in {checked:.1f} s) ...")
+      _write_staged(cls, config, manual_dir=manual_dir, data_dir=data_dir, source=source,
+                    total=total, flag=flag)
   except BaseException:
-    _remove_new(paths_before, incomplete_before, config_dir)
+    _remove_new(paths_before)
     raise
-  return builder
+  progress.note(_summary(label, version_dir, time.perf_counter() - start, splits, ignored))
+  return _open(cls, data_dir, config)
 
 
 def load_source(name: str, split: str, *, data_dir: PathLike,
@@ -220,15 +443,14 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--image_format", choices=images.IMAGE_FORMATS,
                       help="png (lossless, default) or jpeg (quality 95)")
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
   try:
     config = make_config(args.name, args.config, height=args.height, width=args.width,
                          image_format=args.image_format)
-    builder = build(args.name, manual_dir=args.manual_dir, data_dir=args.data_dir, config=config)
-  except (layouts.LayoutError, ValueError) as e:
-    sys.exit(f"error: {e}")
-  counts = ", ".join(f"{s}: {v.num_examples}" for s, v in builder.info.splits.items())
-  print(f"built {args.name}/{config.name} in {builder.data_dir} ({counts})")
+    build(args.name, manual_dir=args.manual_dir, data_dir=args.data_dir, config=config,
+          flag="--manual_dir")
+  except (UserError, ValueError) as e:
+    sys.exit(f"error: {one_line(e)}")
 
 
 if __name__ == "__main__":

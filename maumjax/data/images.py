@@ -1,9 +1,10 @@
 """Image decoding and encoding shared by the builders, the pipeline and the fallback reader.
 
-Build side: `read_image_rgb` fully decodes a dataset file (raising `LayoutError` on corrupt or
-truncated files), `encode_resized` LANCZOS-resizes and re-encodes it, `encoded_examples`
-yields the builders' examples on a thread pool. Read side: `decode_image` turns stored bytes
-back into uint8 [H, W, 3].
+Build side: `check_images` validates every dataset file cheaply before a build writes anything
+(header, size, end of file; raising `LayoutError`), `read_image_rgb` fully decodes one (raising
+`LayoutError` on corrupt or truncated files), `encode_resized` LANCZOS-resizes and re-encodes
+it, `encoded_examples` yields the builders' examples on a thread pool. Read side:
+`decode_image` turns stored bytes back into uint8 [H, W, 3].
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import collections
 import concurrent.futures
 import io
 import os
+import re
+import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -20,11 +23,31 @@ import numpy as np
 from PIL import Image
 
 from maumjax.data.layouts import LayoutError, Record
-
+from maumjax.errors import one_line
 
 IMAGE_FORMATS = ("png", "jpeg")
 _T = TypeVar("_T")
 _R = TypeVar("_R")
+# What PIL raises on a corrupt, truncated or foreign file.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error,
+                  Image.DecompressionBombError)
+_FIX = "it is corrupt or truncated, re-extract the dataset archive"
+# A JPEG ends with the end-of-image marker; some writers append a little after it.
+_JPEG_EOI = b"\xff\xd9"
+_JPEG_TAIL = 1024
+_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def _reason(error: BaseException) -> str:
+  """A short, one-line description of a decoding error, without object reprs."""
+  if isinstance(error, Image.UnidentifiedImageError):
+    return "not a JPEG, PNG or BMP image"
+  text = one_line(_OBJECT_REPR.sub("the file", str(error)))
+  return text or type(error).__name__
+
+
+def _decode_error(path: Path, error: BaseException) -> LayoutError:
+  return LayoutError(f"cannot decode image {str(path)!r} ({_reason(error)}); {_FIX}")
 
 
 def decode_image(data: bytes) -> np.ndarray:
@@ -40,19 +63,72 @@ def read_image_rgb(path: str | os.PathLike[str]) -> Image.Image:
     LayoutError: the file is unreadable, not an image, or truncated.
   """
   path = Path(path)
-  fix = "re-extract the dataset archive"
   try:
     data = path.read_bytes()
     image = Image.open(io.BytesIO(data))
     # PIL raises on truncated files only while ImageFile.LOAD_TRUNCATED_IMAGES is off; any
     # module may switch it on, and then PIL pads silently. JPEG files must end with EOI.
-    if image.format == "JPEG" and b"\xff\xd9" not in data[-1024:]:
+    if image.format == "JPEG" and _JPEG_EOI not in data[-_JPEG_TAIL:]:
       raise OSError("JPEG end-of-image marker missing")
     image.load()
     return image.convert("RGB")
-  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-    raise LayoutError(f"cannot decode image {str(path)!r} ({e}); it is corrupt or truncated, "
-                      f"{fix}") from e
+  except _DECODE_ERRORS as e:
+    raise _decode_error(path, e) from e
+
+
+def check_image(path: str | os.PathLike[str]) -> None:
+  """Checks one image file cheaply, without decoding its pixels.
+
+  Parses the header (format, size), then checks the end of the file: a JPEG must end with
+  its end-of-image marker, a PNG must pass PIL's chunk checksums (`verify`), and an
+  uncompressed image (BMP, ...) must hold the pixel bytes its header announces. Catches
+  truncated files and foreign or random contents; damage in the middle of a JPEG surfaces
+  only when the build decodes it (`read_image_rgb`).
+
+  Raises:
+    LayoutError: the file is unreadable, not an image, or truncated; the message names it.
+  """
+  path = Path(path)
+  try:
+    with open(path, "rb") as f:
+      size = os.fstat(f.fileno()).st_size
+      with Image.open(f) as image:
+        width, height = image.size
+        if width < 1 or height < 1:
+          raise ValueError(f"image size {width}x{height}")
+        if image.format == "JPEG":
+          f.seek(max(0, size - _JPEG_TAIL))
+          if _JPEG_EOI not in f.read():
+            raise OSError("JPEG end-of-image marker missing")
+        elif image.format == "PNG":
+          image.verify()
+        else:
+          for codec, extents, offset, args, *_ in image.tile:
+            # Uncompressed pixels: (raw mode, row stride, direction) after a fixed offset.
+            args = args if isinstance(args, tuple) else ()
+            if codec == "raw" and len(args) >= 2 and isinstance(args[1], int):
+              needed = offset + max(args[1], 0) * (extents[3] - extents[1])
+              if size < needed:
+                raise OSError(f"{size} bytes, the header announces {needed}")
+  except _DECODE_ERRORS as e:
+    raise _decode_error(path, e) from e
+
+
+def check_images(root: Path, records: Iterable[Record], *,
+                 num_threads: int | None = None) -> int:
+  """Runs `check_image` on every record's file (threads hide the file-system latency).
+
+  Returns:
+    The number of files checked.
+
+  Raises:
+    LayoutError: the first bad file in record order.
+  """
+  count = 0
+  for _ in ordered_map(lambda r: check_image(root / str(r["path"])), records,
+                       num_threads=num_threads):
+    count += 1
+  return count
 
 
 def encode_resized(path: str | os.PathLike[str], *, height: int, width: int,

@@ -2,10 +2,14 @@
 
 Pure Python (no TFDS): the TFDS builders, evaluation code (gallery sampling needs the sorted
 per-folder file lists) and the raw-folder fallback reader all start from the trees built here.
-Every problem raises `LayoutError` naming the offending path or value and the fix. Layout
-problems surface in the scan, before a build writes anything; an undecodable image surfaces
-when it is read (`maumjax.data.images.read_image_rgb`), and `maumjax.data.build` then
-removes the partial output.
+Every problem raises `LayoutError` (a `maumjax.errors.UserError`) with one line naming the
+offending path or value and the fix; messages about the manual dir name the caller's flag
+(`flag=`, default `--manual_dir`). Layout problems surface in the scan and truncated or foreign
+image files in `maumjax.data.images.check_images`, both before a build writes anything; damage
+that only a full decode reveals surfaces while writing, and `maumjax.data.build` then removes
+the partial output. Files in identity folders that are not the dataset's images are skipped and
+listed (`ignored`). `sysu_fingerprint` / `regdb_fingerprint` summarise what a build reads (file
+names and sizes, split-file contents) so a build can tell that its source changed.
 
 Records are plain dicts with the fields `path` (relative to the dataset root, forward
 slashes), `identity` (original id), `label` (contiguous training label, -1 outside training),
@@ -19,10 +23,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+
+from maumjax.errors import UserError
 
 Record = dict[str, int | str]
 
@@ -60,7 +67,12 @@ _SYSU_CAM_RE = re.compile(r"cam[1-6]")
 _REGDB_NAME_RE = re.compile(r"[A-Za-z]+_(?:front|back)_[vt]_(\d{5})_\d+\.bmp")
 
 
-class LayoutError(ValueError):
+# The flag that sets the manual dir, named in the messages; callers pass their own
+# (training: `--config.data.manual_dir`).
+MANUAL_DIR_FLAG = "--manual_dir"
+
+
+class LayoutError(UserError, ValueError):
   """An extracted dataset folder does not have the expected layout or content."""
 
 
@@ -77,6 +89,8 @@ class SysuTree:
     train_ids, val_ids, test_ids: sorted identities from exp/{train,val,test}_id.txt.
     files: (camera, identity) -> sorted relative paths such as 'cam1/0006/0025.jpg', for every
       identity folder found (split or not).
+    ignored: sorted relative paths of the other files in identity folders (not .jpg images,
+      e.g. 'cam1/0006/Thumbs.db'); the builders skip them.
   """
 
   root: Path
@@ -84,6 +98,7 @@ class SysuTree:
   val_ids: tuple[int, ...]
   test_ids: tuple[int, ...]
   files: Mapping[tuple[int, int], tuple[str, ...]]
+  ignored: tuple[str, ...] = ()
 
 
 def _nonempty_dir(path: Path, what: str, fix: str) -> None:
@@ -93,7 +108,8 @@ def _nonempty_dir(path: Path, what: str, fix: str) -> None:
     raise LayoutError(f"{what} at {str(path)!r} is empty; {fix}")
 
 
-def _single_root(manual_dir: Path, is_root: Callable[[Path], bool], preferred: str) -> Path | None:
+def _single_root(manual_dir: Path, is_root: Callable[[Path], bool], preferred: str,
+                 flag: str) -> Path | None:
   """Returns `manual_dir`, `manual_dir/preferred` or its only subfolder passing `is_root`."""
   if is_root(manual_dir):
     return manual_dir
@@ -104,7 +120,7 @@ def _single_root(manual_dir: Path, is_root: Callable[[Path], bool], preferred: s
     names = ", ".join(repr(str(p)) for p in candidates)
     raise LayoutError(
         f"several dataset folders found under {str(manual_dir)!r}: {names}; "
-        "set --manual_dir to the one to build")
+        f"set {flag} to the one to build")
   return candidates[0] if candidates else None
 
 
@@ -112,11 +128,12 @@ def _has_sysu_cams(path: Path) -> bool:
   return path.is_dir() and any((path / f"cam{c}").is_dir() for c in SYSU_CAMERAS)
 
 
-def find_sysu_root(manual_dir: str | os.PathLike[str]) -> Path:
+def find_sysu_root(manual_dir: str | os.PathLike[str], *, flag: str = MANUAL_DIR_FLAG) -> Path:
   """Locates the SYSU-MM01 folder: `manual_dir` itself or one level down.
 
   Args:
     manual_dir: directory the user extracted SYSU-MM01.zip into.
+    flag: the caller's flag for the manual dir, named in the messages.
 
   Returns:
     The folder holding cam1..cam6 (and exp/).
@@ -125,9 +142,9 @@ def find_sysu_root(manual_dir: str | os.PathLike[str]) -> Path:
     LayoutError: the directory is missing or empty, or holds no camN folders at depth 0 or 1.
   """
   manual_dir = Path(manual_dir)
-  fix = "extract SYSU-MM01.zip there or set --manual_dir"
+  fix = f"extract SYSU-MM01.zip there or set {flag}"
   _nonempty_dir(manual_dir, "SYSU-MM01 manual directory", fix)
-  root = _single_root(manual_dir, _has_sysu_cams, "SYSU-MM01")
+  root = _single_root(manual_dir, _has_sysu_cams, "SYSU-MM01", flag)
   if root is not None:
     return root
   hint = ""
@@ -136,7 +153,7 @@ def find_sysu_root(manual_dir: str | os.PathLike[str]) -> Path:
   else:
     deeper = sorted(p.parent for p in manual_dir.glob("*/*/cam1") if p.is_dir())
     if deeper:
-      hint = f" (cam folders found deeper, in {str(deeper[0])!r}: point --manual_dir there)"
+      hint = f" (cam folders found deeper, in {str(deeper[0])!r}: point {flag} there)"
   raise LayoutError(
       f"SYSU-MM01 not found at {str(manual_dir)!r} (no cam1..cam6 folders){hint}; {fix}")
 
@@ -162,16 +179,33 @@ def _parse_sysu_id_file(path: Path) -> tuple[int, ...]:
   return tuple(sorted(ids))
 
 
-def _scan_sysu_camera(cam_dir: Path, camera: int) -> dict[tuple[int, int], tuple[str, ...]]:
+def _is_sysu_id_dir(name: str) -> bool:
+  return len(name) == 4 and name.isdigit()
+
+
+def _split_images(folder: Path, suffix: str, prefix: str) -> tuple[list[str], list[str]]:
+  """Relative paths of the `suffix` images in `folder`, and of its other files (ignored)."""
+  images, others = [], []
+  for path in folder.iterdir():
+    if path.suffix == suffix and path.is_file():
+      images.append(f"{prefix}/{path.name}")
+    elif not path.is_dir():
+      others.append(f"{prefix}/{path.name}")
+  return sorted(images), others
+
+
+def _scan_sysu_camera(cam_dir: Path, camera: int,
+                      ignored: list[str]) -> dict[tuple[int, int], tuple[str, ...]]:
   fix = "re-extract SYSU-MM01.zip"
   files = {}
   for id_dir in sorted(cam_dir.iterdir()):
-    if not (id_dir.is_dir() and len(id_dir.name) == 4 and id_dir.name.isdigit()):
+    if not (id_dir.is_dir() and _is_sysu_id_dir(id_dir.name)):
       continue  # stray folders (e.g. extracted video frames) are not identities
-    names = sorted(p.name for p in id_dir.iterdir() if p.suffix == ".jpg" and p.is_file())
-    if not names:
+    paths, others = _split_images(id_dir, ".jpg", f"cam{camera}/{id_dir.name}")
+    ignored.extend(others)
+    if not paths:
       raise LayoutError(f"SYSU-MM01 identity folder {str(id_dir)!r} holds no .jpg images; {fix}")
-    files[camera, int(id_dir.name)] = tuple(f"cam{camera}/{id_dir.name}/{n}" for n in names)
+    files[camera, int(id_dir.name)] = tuple(paths)
   if not files:
     raise LayoutError(
         f"SYSU-MM01 camera folder {str(cam_dir)!r} holds no identity folders (NNNN/*.jpg); {fix}")
@@ -193,12 +227,13 @@ def scan_sysu_mm01(root: str | os.PathLike[str]) -> SysuTree:
   """
   root = Path(root)
   files: dict[tuple[int, int], tuple[str, ...]] = {}
+  ignored: list[str] = []
   for camera in SYSU_CAMERAS:
     cam_dir = root / f"cam{camera}"
     if not cam_dir.is_dir():
       raise LayoutError(
           f"SYSU-MM01 camera folder {str(cam_dir)!r} is missing; re-extract SYSU-MM01.zip")
-    files.update(_scan_sysu_camera(cam_dir, camera))
+    files.update(_scan_sysu_camera(cam_dir, camera, ignored))
   exp_dir = root / "exp"
   if not exp_dir.is_dir():
     raise LayoutError(
@@ -225,7 +260,8 @@ def scan_sysu_mm01(root: str | os.PathLike[str]) -> SysuTree:
         raise LayoutError(
             f"identity {identity} listed in {id_file!r} has no {missing} images under "
             f"{str(root)!r}; every split identity needs both modalities, re-extract SYSU-MM01.zip")
-  return SysuTree(root, split_ids["train"], split_ids["val"], split_ids["test"], files)
+  return SysuTree(root, split_ids["train"], split_ids["val"], split_ids["test"], files,
+                  tuple(sorted(ignored)))
 
 
 def _sysu_record(path: str, label: int) -> Record:
@@ -308,23 +344,27 @@ class RegdbTree:
     visible, thermal: identity -> sorted relative paths such as 'Visible/3/x.bmp'.
     idx: (kind, trial) -> the parsed idx lines `(path, label)` in file order, for the kinds of
       REGDB_IDX_KINDS and the scanned trials.
+    ignored: sorted relative paths of the other files in identity folders (not .bmp images);
+      the builders skip them.
   """
 
   root: Path
   visible: Mapping[int, tuple[str, ...]]
   thermal: Mapping[int, tuple[str, ...]]
   idx: Mapping[tuple[str, int], tuple[tuple[str, int], ...]]
+  ignored: tuple[str, ...] = ()
 
 
 def _has_regdb_folders(path: Path) -> bool:
   return path.is_dir() and (path / "Visible").is_dir() and (path / "Thermal").is_dir()
 
 
-def find_regdb_root(manual_dir: str | os.PathLike[str]) -> Path:
+def find_regdb_root(manual_dir: str | os.PathLike[str], *, flag: str = MANUAL_DIR_FLAG) -> Path:
   """Locates the RegDB folder: `manual_dir` itself or one level down.
 
   Args:
     manual_dir: directory the user extracted RegDB into.
+    flag: the caller's flag for the manual dir, named in the messages.
 
   Returns:
     The folder holding Visible/, Thermal/ and idx/.
@@ -333,9 +373,9 @@ def find_regdb_root(manual_dir: str | os.PathLike[str]) -> Path:
     LayoutError: the directory is missing or empty, or holds no Visible/ and Thermal/.
   """
   manual_dir = Path(manual_dir)
-  fix = "extract RegDB (Visible/, Thermal/, idx/) there or set --manual_dir"
+  fix = f"extract RegDB (Visible/, Thermal/, idx/) there or set {flag}"
   _nonempty_dir(manual_dir, "RegDB manual directory", fix)
-  root = _single_root(manual_dir, _has_regdb_folders, "RegDB")
+  root = _single_root(manual_dir, _has_regdb_folders, "RegDB", flag)
   if root is not None:
     return root
   hint = " (it looks like SYSU-MM01: cam folders found)" if _has_sysu_cams(manual_dir) else ""
@@ -343,17 +383,18 @@ def find_regdb_root(manual_dir: str | os.PathLike[str]) -> Path:
       f"RegDB not found at {str(manual_dir)!r} (no Visible/ and Thermal/ folders){hint}; {fix}")
 
 
-def _scan_regdb_modality(folder: Path) -> dict[int, tuple[str, ...]]:
+def _scan_regdb_modality(folder: Path, ignored: list[str]) -> dict[int, tuple[str, ...]]:
   fix = "re-extract the RegDB archive"
   _nonempty_dir(folder, "RegDB image folder", fix)
   files = {}
   for pid_dir in folder.iterdir():
     if not (pid_dir.is_dir() and pid_dir.name.isdigit()):
       continue
-    names = sorted(p.name for p in pid_dir.iterdir() if p.suffix == ".bmp" and p.is_file())
-    if not names:
+    paths, others = _split_images(pid_dir, ".bmp", f"{folder.name}/{pid_dir.name}")
+    ignored.extend(others)
+    if not paths:
       raise LayoutError(f"RegDB identity folder {str(pid_dir)!r} holds no .bmp images; {fix}")
-    files[int(pid_dir.name)] = tuple(f"{folder.name}/{pid_dir.name}/{n}" for n in names)
+    files[int(pid_dir.name)] = tuple(paths)
   if not files:
     raise LayoutError(f"RegDB folder {str(folder)!r} holds no <pid>/*.bmp images; {fix}")
   return dict(sorted(files.items()))
@@ -419,8 +460,9 @@ def scan_regdb(root: str | os.PathLike[str], trials: Iterable[int] = REGDB_TRIAL
       and thermal files; or train and test identities overlap.
   """
   root = Path(root)
-  visible = _scan_regdb_modality(root / "Visible")
-  thermal = _scan_regdb_modality(root / "Thermal")
+  ignored: list[str] = []
+  visible = _scan_regdb_modality(root / "Visible", ignored)
+  thermal = _scan_regdb_modality(root / "Thermal", ignored)
   known = {p for paths in (*visible.values(), *thermal.values()) for p in paths}
   idx_dir = root / "idx"
   idx = {}
@@ -448,7 +490,7 @@ def scan_regdb(root: str | os.PathLike[str], trials: Iterable[int] = REGDB_TRIAL
           f'identities {shared[:10]} are in both {str(idx_dir / f"train_visible_{trial}.txt")!r} '
           f'and {str(idx_dir / f"test_visible_{trial}.txt")!r}; train and test must be disjoint, '
           "re-extract idx/")
-  return RegdbTree(root, visible, thermal, idx)
+  return RegdbTree(root, visible, thermal, idx, tuple(sorted(ignored)))
 
 
 def _regdb_record(path: str, label: int) -> Record:
@@ -514,3 +556,60 @@ def regdb_count_warnings(tree: RegdbTree) -> list[str]:
           f"RegDB idx/{kind}_{trial}.txt has {len(lines)} lines over {len(ids)} identities; the "
           f'protocol has {real["idx_lines"]} over {real["idx_identities"]}')
   return messages
+
+
+# ----------------------------------------------------------------------------------------------
+# Source fingerprints
+
+
+def _fingerprint(root: Path, folders: Sequence[str], is_id_dir: Callable[[str], bool],
+                 texts: Sequence[str]) -> dict[str, int | str]:
+  """Hashes the names and sizes of the files in `<root>/<folder>/<id dir>/` and the contents
+  of the small `texts` files: a stat walk, image contents are never read."""
+  digest = hashlib.sha1()
+  num_files = num_bytes = 0
+  for folder in folders:
+    try:
+      id_dirs = sorted((e for e in os.scandir(root / folder) if is_id_dir(e.name) and e.is_dir()),
+                       key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+      digest.update(f"{folder}: missing\n".encode())
+      continue
+    for id_dir in id_dirs:
+      for entry in sorted(os.scandir(id_dir.path), key=lambda e: e.name):
+        if entry.is_file():
+          size = entry.stat().st_size
+          num_files += 1
+          num_bytes += size
+          digest.update(f"{folder}/{id_dir.name}/{entry.name}\0{size}\n".encode())
+  for text in texts:
+    path = root / text
+    data = path.read_bytes() if path.is_file() else b"missing"
+    digest.update(f"{text}\0{len(data)}\n".encode() + hashlib.sha1(data).digest())
+  return {"files": num_files, "bytes": num_bytes, "sha1": digest.hexdigest()}
+
+
+def sysu_fingerprint(root: str | os.PathLike[str]) -> dict[str, int | str]:
+  """A cheap fingerprint of what a SYSU-MM01 build reads from `root`.
+
+  Covers the name and size of every file in the identity folders `cam1..cam6/NNNN/` and the
+  contents of `exp/{train,val,test}_id.txt`; a stat walk (no image is opened), so a changed,
+  added or removed image or split file changes it. Files elsewhere (e.g. `exp/rand_perm_cam.mat`,
+  which only the evaluation reads) do not count.
+
+  Returns:
+    `{"files": number of files, "bytes": their total size, "sha1": hex digest}`.
+  """
+  return _fingerprint(Path(root), [f"cam{c}" for c in SYSU_CAMERAS], _is_sysu_id_dir,
+                      [f"exp/{s}_id.txt" for s in SYSU_SPLIT_FILES])
+
+
+def regdb_fingerprint(root: str | os.PathLike[str],
+                      trials: Iterable[int] = REGDB_TRIALS) -> dict[str, int | str]:
+  """A cheap fingerprint of what a RegDB build of `trials` reads from `root`.
+
+  Covers the name and size of every file in `Visible/<pid>/` and `Thermal/<pid>/` and the
+  contents of the idx files of `trials`; see `sysu_fingerprint`.
+  """
+  texts = [f"idx/{kind}_{t}.txt" for t in trials for kind in REGDB_IDX_KINDS]
+  return _fingerprint(Path(root), list(_MODALITY_FOLDERS.values()), str.isdigit, texts)

@@ -3,7 +3,9 @@
 Entry modules call `prepare_dataset(config.data)`; nothing below them sees a ConfigDict.
 An empty `manual_dir` means "use the built-in synthetic data": the generator writes the real
 on-disk layout into the cache directory once per parameter set, and the builder reads it like
-a user's real copy.
+a user's real copy. A build records the folder it was built from and is rebuilt when the
+manual dir points elsewhere or its files changed (`maumjax.data.build.build`), so one cache
+serves several copies of a dataset without mixing them up.
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 DATASETS = ("sysu_mm01", "regdb")
+# The training flag that sets the manual dir; `prepare_dataset` names it in its messages.
+TRAIN_MANUAL_DIR_FLAG = "--config.data.manual_dir"
 
 
 def cache_root() -> Path:
@@ -63,28 +68,45 @@ class PreparedDataset:
 
 def write_synthetic(name: str, spec: SyntheticSpec, root: Path | None = None) -> Path:
   """Writes (once) the synthetic tree for `spec` under the cache and returns its folder."""
-  from maumjax.data import synthetic
+  from maumjax.data import progress, synthetic
 
   out = (root or cache_root() / "synthetic") / spec.key(name)
   if out.is_dir() and any(out.iterdir()):
     return out
   out.parent.mkdir(parents=True, exist_ok=True)
-  if name == "sysu_mm01":
-    synthetic.write_sysu_mm01(out, num_identities=spec.num_identities,
-                              images_per_camera=spec.images_per_camera, height=spec.height,
-                              width=spec.width, seed=spec.seed)
+  sysu = name == "sysu_mm01"
+  if sysu:
+    per_folder = f"{spec.images_per_camera} per camera folder"
+    total = synthetic.sysu_image_count(spec.num_identities, spec.images_per_camera, spec.seed)
   else:
-    synthetic.write_regdb(out, num_identities=spec.num_identities,
-                          images_per_modality=spec.images_per_modality, height=spec.height,
-                          width=spec.width, seed=spec.seed)
+    per_folder = f"{spec.images_per_modality} per identity and modality"
+    total = 2 * spec.num_identities * spec.images_per_modality
+  progress.note(f"Generating synthetic {name} data ({spec.num_identities} identities, {total} "
+                f"images, {per_folder}, {spec.height}x{spec.width}, seed {spec.seed}) into "
+                f"{out}; once per parameter set ...")
+  start = time.perf_counter()
+  with progress.Progress(f"generating synthetic {name}", total) as bar:
+    if sysu:
+      synthetic.write_sysu_mm01(out, num_identities=spec.num_identities,
+                                images_per_camera=spec.images_per_camera, height=spec.height,
+                                width=spec.width, seed=spec.seed, progress=bar.update)
+    else:
+      synthetic.write_regdb(out, num_identities=spec.num_identities,
+                            images_per_modality=spec.images_per_modality, height=spec.height,
+                            width=spec.width, seed=spec.seed, progress=bar.update)
+  progress.note(f"generated {total} images in {time.perf_counter() - start:.1f} s")
   return out
 
 
 def prepare_dataset(name: str, *, manual_dir: str | os.PathLike | None = None,
                     data_dir: str | os.PathLike | None = None, height: int = 288,
                     width: int = 144, trial: int = 1, image_format: str = "png",
-                    synthetic: SyntheticSpec = SyntheticSpec()) -> PreparedDataset:
+                    synthetic: SyntheticSpec = SyntheticSpec(),
+                    manual_dir_flag: str = TRAIN_MANUAL_DIR_FLAG) -> PreparedDataset:
   """Builds (or reuses) the TFDS dataset `name` at `height` x `width`.
+
+  A build in the cache is reused only if it was built from the same folder with the same files
+  (see `maumjax.data.build.build`); otherwise it is rebuilt before training starts.
 
   Args:
     name: 'sysu_mm01' or 'regdb'.
@@ -95,10 +117,13 @@ def prepare_dataset(name: str, *, manual_dir: str | os.PathLike | None = None,
     trial: RegDB trial 1..10.
     image_format: 'png' (lossless) or 'jpeg'.
     synthetic: parameters of the synthetic data, used when manual_dir is empty.
+    manual_dir_flag: the caller's flag for the manual dir, named in the messages (a script
+      with its own flag passes it, e.g. '--manual_dir').
 
   Raises:
     ValueError: unknown dataset name.
-    maumjax.data.layouts.LayoutError: the manual dir is missing or malformed.
+    maumjax.data.layouts.LayoutError: the manual dir is missing or malformed, or an image is
+      unreadable (a `maumjax.errors.UserError`: one line naming the path and the fix).
   """
   from maumjax.data import build as build_lib
 
@@ -114,7 +139,8 @@ def prepare_dataset(name: str, *, manual_dir: str | os.PathLike | None = None,
   out = Path(data_dir).expanduser() if data_dir else default_data_dir
   config = build_lib.make_config(name, None if name == "sysu_mm01" else f"trial_{trial}",
                                  height=height, width=width, image_format=image_format)
-  builder = build_lib.build(name, manual_dir=manual, data_dir=out, config=config)
+  builder = build_lib.build(name, manual_dir=manual, data_dir=out, config=config,
+                            flag=manual_dir_flag)
   return PreparedDataset(name, manual, out, builder, is_synthetic)
 
 

@@ -3,7 +3,9 @@
 A subclass names its homepage, citation and archive, and implements `_split_records`, which
 scans the manual dir (raising `LayoutError` before anything is written) and returns the
 records of each split. Everything else (the feature schema, keeping generation order, the
-LANCZOS re-encode, the missing-manual-dir message) lives here once.
+LANCZOS re-encode, the missing-manual-dir message, the progress hook) lives here once.
+TFDS's "Downloading and preparing dataset ..." and "... downloaded and prepared" lines are
+silenced: nothing is downloaded, and `maumjax.data.build` prints its own lines.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +53,10 @@ class ReidBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   HOMEPAGE: str = ""
   CITATION: str = ""
   ARCHIVE: str = ""  # what to extract into the manual dir, for error messages
+  # Set on an instance by `maumjax.data.build`: the caller's manual-dir flag for messages, and
+  # a callback counting the examples as they are generated.
+  manual_dir_flag: str = layouts.MANUAL_DIR_FLAG
+  progress: Callable[[int], None] | None = None
 
   @abc.abstractmethod
   def _split_records(self, manual_dir: Path) -> tuple[Path, Mapping[str, list[layouts.Record]]]:
@@ -85,14 +91,23 @@ class ReidBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     except AssertionError as e:
       # TFDS's message ("Manual directory X does not exist or is empty. ...") names the path.
       raise layouts.LayoutError(
-          f"{str(e).split('. ', 1)[0]}; extract {self.ARCHIVE} there or set --manual_dir\n"
-          f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}") from e
+          f"{str(e).split('. ', 1)[0]}; extract {self.ARCHIVE} there or set "
+          f"{self.manual_dir_flag} (the README's Data section says how to get it)") from e
     root, splits = self._split_records(Path(manual_dir))
     return {split: self._generate_examples(root, records) for split, records in splits.items()}
 
   def _generate_examples(self, root: Path,
                          records: Sequence[layouts.Record]) -> Iterator[tuple[str, dict]]:
     config = self.builder_config
-    yield from images.encoded_examples(
+    for example in images.encoded_examples(
         root, records, height=config.height, width=config.width,
-        image_format=config.image_format)
+        image_format=config.image_format):
+      yield example
+      if self.progress is not None:
+        self.progress(1)
+
+  def _log_download_bytes(self) -> None:
+    """Silences TFDS's "Downloading and preparing dataset ..." line: nothing is downloaded."""
+
+  def _log_download_done(self) -> None:
+    """Silences TFDS's "Dataset ... downloaded and prepared" line."""

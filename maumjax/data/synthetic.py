@@ -44,7 +44,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import scipy.io
@@ -184,7 +184,8 @@ def sysu_plan(num_identities: int, seed: int) -> tuple[dict[str, list[int]], dic
 
 def write_sysu_mm01(out_dir: str | os.PathLike, *, num_identities: int = 40,
                     images_per_camera: int = 12, height: int = 128, width: int = 64,
-                    seed: int = 0) -> pathlib.Path:
+                    seed: int = 0,
+                    progress: Callable[[int], None] | None = None) -> pathlib.Path:
   """Writes a synthetic SYSU-MM01 tree (protocol.md §1.3).
 
   Args:
@@ -194,6 +195,7 @@ def write_sysu_mm01(out_dir: str | os.PathLike, *, num_identities: int = 40,
     height: base image height; each camera scales it (`SYSU_SIZE_FACTORS`).
     width: base image width.
     seed: random seed (>= 0); the same seed writes byte-identical files.
+    progress: called with 1 after each image (`sysu_image_count` of them in all).
 
   Returns:
     The root, `out_dir`.
@@ -217,11 +219,19 @@ def write_sysu_mm01(out_dir: str | os.PathLike, *, num_identities: int = 40,
           rng = _rng(seed, _IMAGE, cam, pid, frame)
           img = render_lib.render(person, render_lib.sample_pose(rng), cams[cam], rng)
           Image.fromarray(img).save(folder / f"{frame:04d}.jpg", quality=JPEG_QUALITY)
+          if progress is not None:
+            progress(1)
     exp = root / "exp"
     exp.mkdir()
     for name in ("train", "val", "test", "available"):
       _write_id_list(exp, f"{name}_id", splits[name])
   return pathlib.Path(out_dir)
+
+
+def sysu_image_count(num_identities: int, images_per_camera: int, seed: int) -> int:
+  """How many images `write_sysu_mm01` writes for these parameters."""
+  _, cameras = sysu_plan(num_identities, seed)
+  return sum(len(cams) for cams in cameras.values()) * images_per_camera
 
 
 def regdb_cameras(height: int, width: int, seed: int) -> tuple[render_lib.Camera,
@@ -235,7 +245,8 @@ def regdb_cameras(height: int, width: int, seed: int) -> tuple[render_lib.Camera
 
 def write_regdb(out_dir: str | os.PathLike, *, num_identities: int = 20,
                 images_per_modality: int = 10, height: int = 128, width: int = 64,
-                seed: int = 0, num_trials: int = 10) -> pathlib.Path:
+                seed: int = 0, num_trials: int = 10,
+                progress: Callable[[int], None] | None = None) -> pathlib.Path:
   """Writes a synthetic RegDB tree (protocol.md §2.2).
 
   The i-th visible and i-th thermal image of an identity share pose, view and frame number, as
@@ -249,6 +260,7 @@ def write_regdb(out_dir: str | os.PathLike, *, num_identities: int = 20,
     width: image width.
     seed: random seed (>= 0); the same seed writes byte-identical files.
     num_trials: split files `idx/*_{1..num_trials}.txt`.
+    progress: called with 1 after each image (2 * num_identities * images_per_modality).
 
   Returns:
     The root, `out_dir`.
@@ -287,6 +299,8 @@ def write_regdb(out_dir: str | os.PathLike, *, num_identities: int = 20,
           pil = Image.fromarray(img[..., 0], "L") if cam is thermal else Image.fromarray(img)
           pil.save(root / modality / str(pid) / name)
           files[modality][pid].append(name)
+          if progress is not None:
+            progress(1)
         frame += int(plan.integers(1, 3))
     idx = root / "idx"
     idx.mkdir()

@@ -3,8 +3,10 @@
 * `plot_cmc` draws one CMC curve per setting (percent over rank), a +-std band where per-trial
   curves are given, and saves a PNG.
 * `ranked_list_sheet` puts each query next to its top-k gallery images, green-bordered where the
-  identity matches and red where it does not. It is composed with PIL and numpy alone;
-  `sheet_layout` gives the pixel geometry so callers and tests can find every tile.
+  identity matches and red where it does not, under a title and a legend of the border colours.
+  It is composed with PIL and numpy alone; `sheet_layout` gives the pixel geometry so callers
+  and tests can find every tile. `ranked_list_labels` writes the text under each tile: identity,
+  camera and the cosine distance 1 - cos of each gallery image to its query.
 * `ranked_list_from_distances` turns a distance matrix into the ranking and correct mask the
   sheet wants, optionally dropping gallery items per query (SYSU-MM01's cam3/cam2 rule).
 
@@ -34,12 +36,20 @@ ROW_GAP = 6
 # 13 px line; LABEL_PAD is space above and below the text in the label strip.
 LABEL_LINE_H = 13
 LABEL_PAD = 2
+# The header above the tiles: the title (if any) and the legend, HEADER_LINE_H pixels a line;
+# a legend swatch is a SWATCH-pixel square in a border colour, SWATCH_GAP from its text.
+HEADER_LINE_H = 16
+SWATCH = 10
+SWATCH_GAP = 4
+LEGEND_GAP = 14
 
 BACKGROUND_RGB = (255, 255, 255)
 QUERY_RGB = (40, 110, 220)
 CORRECT_RGB = (0, 200, 0)
 WRONG_RGB = (220, 0, 0)
 LABEL_RGB = (0, 0, 0)
+LEGEND = (("query", QUERY_RGB), ("same identity as the query", CORRECT_RGB),
+          ("different identity", WRONG_RGB))
 
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
@@ -121,8 +131,10 @@ def _check_curve(key: str, value: np.ndarray) -> np.ndarray:
 class SheetLayout:
   """Pixel geometry of a ranked-list sheet.
 
-  Column 0 is the query; columns 1..k are gallery ranks 1..k. A cell is a bordered tile
-  (`box_w` x `box_h`) with a label strip of `label_h` pixels under it.
+  A header of `header_h` pixels (title and legend) comes first; below it, column 0 is the
+  query and columns 1..k are gallery ranks 1..k. A cell is a bordered tile (`box_w` x `box_h`)
+  with a label strip of `label_h` pixels under it. The sheet is at least `header_w` pixels
+  wide between its margins, so the header text is never cut.
   """
 
   num_rows: int
@@ -131,6 +143,8 @@ class SheetLayout:
   box_h: int
   label_h: int
   border: int
+  header_h: int = 0
+  header_w: int = 0
 
   @property
   def cell_h(self) -> int:
@@ -138,24 +152,30 @@ class SheetLayout:
 
   @property
   def width(self) -> int:
-    return (2 * SHEET_MARGIN + self.box_w + QUERY_GAP + self.num_ranks * self.box_w
-            + (self.num_ranks - 1) * TILE_GAP)
+    tiles = self.box_w + QUERY_GAP + self.num_ranks * self.box_w + (self.num_ranks - 1) * TILE_GAP
+    return 2 * SHEET_MARGIN + max(tiles, self.header_w)
 
   @property
   def height(self) -> int:
-    return 2 * SHEET_MARGIN + self.num_rows * self.cell_h + (self.num_rows - 1) * ROW_GAP
+    return (2 * SHEET_MARGIN + self.header_h + self.num_rows * self.cell_h
+            + (self.num_rows - 1) * ROW_GAP)
+
+  def header_line(self, line: int) -> int:
+    """Top y of header line `line` (0: the first, the title when there is one)."""
+    return SHEET_MARGIN + line * HEADER_LINE_H
 
   def box(self, row: int, col: int) -> tuple[int, int, int, int]:
     """(x0, y0, x1, y1) of the bordered tile at `row`, `col`; x1 and y1 are exclusive."""
     x0 = SHEET_MARGIN
     if col > 0:
       x0 += self.box_w + QUERY_GAP + (col - 1) * (self.box_w + TILE_GAP)
-    y0 = SHEET_MARGIN + row * (self.cell_h + ROW_GAP)
+    y0 = SHEET_MARGIN + self.header_h + row * (self.cell_h + ROW_GAP)
     return x0, y0, x0 + self.box_w, y0 + self.box_h
 
 
 def sheet_layout(num_rows: int, num_ranks: int, *, tile_hw: tuple[int, int] = (128, 64),
-                 border: int = 4, label_lines: int = 0) -> SheetLayout:
+                 border: int = 4, label_lines: int = 0, header_lines: int = 0,
+                 header_w: int = 0) -> SheetLayout:
   """Geometry of a sheet with `num_rows` queries, `num_ranks` gallery tiles each.
 
   Args:
@@ -164,11 +184,15 @@ def sheet_layout(num_rows: int, num_ranks: int, *, tile_hw: tuple[int, int] = (1
     tile_hw: image size inside the border.
     border: border width around each image.
     label_lines: text lines under each tile; 0 means no label strip.
+    header_lines: lines above the tiles (title, legend); 0 means no header.
+    header_w: width in pixels of the widest header line.
   """
   tile_h, tile_w = tile_hw
   label_h = label_lines * LABEL_LINE_H + 2 * LABEL_PAD if label_lines else 0
+  header_h = header_lines * HEADER_LINE_H + ROW_GAP if header_lines else 0
   return SheetLayout(num_rows=num_rows, num_ranks=num_ranks, box_w=tile_w + 2 * border,
-                     box_h=tile_h + 2 * border, label_h=label_h, border=border)
+                     box_h=tile_h + 2 * border, label_h=label_h, border=border,
+                     header_h=header_h, header_w=header_w)
 
 
 def ranked_list_sheet(query_images: Sequence[np.ndarray],
@@ -176,13 +200,17 @@ def ranked_list_sheet(query_images: Sequence[np.ndarray],
                       path: str | os.PathLike[str], *,
                       query_labels: Sequence[str] | None = None,
                       gallery_labels: Sequence[Sequence[str]] | None = None, top_k: int = 10,
-                      tile_hw: tuple[int, int] = (128, 64), border: int = 4) -> pathlib.Path:
+                      tile_hw: tuple[int, int] = (128, 64), border: int = 4, title: str = "",
+                      legend: bool = True) -> pathlib.Path:
   """Saves a PNG with one row per query: the query, then its top-k gallery images by rank.
 
   The query has a blue border (`QUERY_RGB`); gallery tiles are green (`CORRECT_RGB`) where
   `correct` is true and red (`WRONG_RGB`) where not. Images are resized to `tile_hw` without
   keeping the aspect ratio, as the networks see them. Labels (newlines allowed, e.g.
-  'id 12 cam3\\nd=0.83') go in a strip under each tile, cut to the tile width.
+  'id 12 cam3\\nd=0.83', see `ranked_list_labels`) go in a strip under each tile, cut to the
+  tile width. Above the tiles go the title (say which dataset, setting and trial the ranking is
+  of, and what the labels' numbers are) and a legend line with a swatch of each border colour
+  ('query', 'same identity as the query', 'different identity'); the sheet widens to fit them.
 
   Args:
     query_images: N uint8 [H, W, 3] (or grey [H, W]) images of any size.
@@ -194,6 +222,8 @@ def ranked_list_sheet(query_images: Sequence[np.ndarray],
     top_k: at most this many ranks are drawn (k = min(top_k, correct.shape[1])).
     tile_hw: (height, width) of each image inside its border.
     border: border width in pixels.
+    title: first header line ('' for none; a newline in it is drawn as a space).
+    legend: draw the legend line of the border colours.
 
   Returns:
     `path` as a `pathlib.Path`.
@@ -227,11 +257,24 @@ def ranked_list_sheet(query_images: Sequence[np.ndarray],
     label_lines = max(label_lines, *(_num_lines(s) for s in query_labels))
   if gallery_labels is not None:
     label_lines = max(label_lines, *(_num_lines(s) for row in gallery_labels for s in row[:k]))
-  layout = sheet_layout(n, k, tile_hw=tuple(tile_hw), border=border, label_lines=label_lines)
+  font = ImageFont.load_default()
+  measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+  title = " ".join(title.split())
+  header_w = 0
+  if title:
+    header_w = _text_width(measure, font, title)
+  if legend:
+    header_w = max(header_w, _legend_width(measure, font))
+  header_lines = int(bool(title)) + int(legend)
+  layout = sheet_layout(n, k, tile_hw=tuple(tile_hw), border=border, label_lines=label_lines,
+                        header_lines=header_lines, header_w=header_w)
 
   sheet = Image.new("RGB", (layout.width, layout.height), BACKGROUND_RGB)
   draw = ImageDraw.Draw(sheet)
-  font = ImageFont.load_default()
+  if title:
+    draw.text((SHEET_MARGIN, layout.header_line(0)), title, fill=LABEL_RGB, font=font)
+  if legend:
+    _draw_legend(draw, font, SHEET_MARGIN, layout.header_line(header_lines - 1))
   for i in range(n):
     tiles = [(query_images[i], QUERY_RGB, query_labels[i] if query_labels is not None else None,
               f"query_images[{i}]")]
@@ -260,6 +303,87 @@ def _check_lengths(name: str, rows: Sequence[Sequence[object]], n: int, k: int) 
     if len(row) < k:
       raise ValueError(f"{name}[{i}] has {len(row)} entries but correct asks for k = {k}; "
                        "pass at least k ranked items per query or lower top_k")
+
+
+def _text_width(draw: ImageDraw.ImageDraw, font: ImageFont.ImageFont | ImageFont.FreeTypeFont,
+                text: str) -> int:
+  """Pixels from where `text` is drawn to its last inked column (anti-aliasing included)."""
+  return int(np.ceil(draw.textbbox((0, 0), text, font=font)[2]))
+
+
+def _legend_items(draw: ImageDraw.ImageDraw, font: ImageFont.ImageFont | ImageFont.FreeTypeFont
+                  ) -> list[tuple[int, str, tuple[int, int, int]]]:
+  """(x offset, text, colour) of each legend entry: a swatch, then its text."""
+  items, x = [], 0
+  for text, colour in LEGEND:
+    items.append((x, text, colour))
+    x += SWATCH + SWATCH_GAP + _text_width(draw, font, text) + LEGEND_GAP
+  return items
+
+
+def _legend_width(draw: ImageDraw.ImageDraw,
+                  font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> int:
+  """Width in pixels of the legend line."""
+  x, text, _ = _legend_items(draw, font)[-1]
+  return x + SWATCH + SWATCH_GAP + _text_width(draw, font, text)
+
+
+def _draw_legend(draw: ImageDraw.ImageDraw, font: ImageFont.ImageFont | ImageFont.FreeTypeFont,
+                 x0: int, y0: int) -> None:
+  """The legend line from (x0, y0): a swatch of each border colour and what it means."""
+  top = y0 + (LABEL_LINE_H - SWATCH) // 2
+  for x, text, colour in _legend_items(draw, font):
+    draw.rectangle((x0 + x, top, x0 + x + SWATCH - 1, top + SWATCH - 1), fill=colour)
+    draw.text((x0 + x + SWATCH + SWATCH_GAP, y0), text, fill=LABEL_RGB, font=font)
+
+
+def ranked_list_labels(query_feats: np.ndarray, query_ids: Sequence[int] | np.ndarray,
+                       query_cams: Sequence[int] | np.ndarray, gallery_feats: np.ndarray,
+                       gallery_ids: Sequence[int] | np.ndarray,
+                       gallery_cams: Sequence[int] | np.ndarray, order: np.ndarray
+                       ) -> tuple[list[str], list[list[str]]]:
+  """The texts under the tiles of `ranked_list_sheet`, from the features that were ranked.
+
+  A query's label is 'id 12 cam3'; a gallery image's is 'id 12 cam1\\nd=0.284', with d its
+  cosine distance to the query, 1 - cos(q, g) in [0, 2] (0: same direction). Ranking by it is
+  ranking by -cos (what the metrics use, `maumjax.eval.metrics.cosine_distance_rows`).
+
+  Args:
+    query_feats: [n, D] features of the queries on the sheet, one per row.
+    query_ids, query_cams: [n] their identities and cameras.
+    gallery_feats: [G, D] gallery features.
+    gallery_ids, gallery_cams: [G] gallery identities and cameras.
+    order: int [n, k] gallery indices by rank (`ranked_list_from_distances`).
+
+  Returns:
+    (query labels [n], gallery labels [n][k]).
+
+  Raises:
+    ValueError: the shapes disagree or `order` indexes outside the gallery.
+  """
+  q = np.asarray(query_feats, np.float64)
+  g = np.asarray(gallery_feats, np.float64)
+  order = np.asarray(order)
+  q_ids, q_cams = np.asarray(query_ids), np.asarray(query_cams)
+  g_ids, g_cams = np.asarray(gallery_ids), np.asarray(gallery_cams)
+  if (q.ndim != 2 or g.ndim != 2 or q.shape[1] != g.shape[1] or order.ndim != 2
+      or order.shape[0] != len(q) or q_ids.shape != (len(q),) or q_cams.shape != (len(q),)
+      or g_ids.shape != (len(g),) or g_cams.shape != (len(g),)):
+    raise ValueError(f"ranked_list_labels: query features {q.shape}, ids {q_ids.shape}, cams "
+                     f"{q_cams.shape}, gallery features {g.shape}, ids {g_ids.shape}, cams "
+                     f"{g_cams.shape} and order {order.shape} disagree; expected [n, D], [n], "
+                     "[n], [G, D], [G], [G] and [n, k]")
+  if order.size and (order.min() < 0 or order.max() >= len(g)):
+    raise ValueError(f"order holds gallery indices outside [0, {len(g)})")
+  q = q / np.linalg.norm(q, axis=1, keepdims=True)
+  g = g / np.linalg.norm(g, axis=1, keepdims=True)
+  cos = np.einsum("nd,nkd->nk", q, g[order])
+  # float rounding can put 1 - cos a hair outside [0, 2]; print the true range's end instead.
+  dist = np.clip(1.0 - cos, 0.0, 2.0)
+  query_labels = [f"id {i} cam{c}" for i, c in zip(q_ids.tolist(), q_cams.tolist())]
+  gallery_labels = [[f"id {g_ids[j]} cam{g_cams[j]}\nd={d:.3f}" for j, d in zip(row, dists)]
+                    for row, dists in zip(order.tolist(), dist.tolist())]
+  return query_labels, gallery_labels
 
 
 def _num_lines(label: str) -> int:

@@ -28,6 +28,10 @@ from maumjax.eval import metrics as metrics_lib
 SYSU_MODES = ("all", "indoor")
 SYSU_SHOTS = (1, 10)
 METRIC_KEYS = ("r1", "r5", "r10", "r20", "mAP", "mINP")
+# The `"units"` label of every JSON file with metric values: `Metrics` and `results_to_json`
+# hold fractions in [0, 1]; files meant for reading (metrics.json) hold percent.
+UNITS_FRACTION = "fraction"
+UNITS_PERCENT = "percent"
 
 
 def setting_name(mode: str, shot: int) -> str:
@@ -123,5 +127,10 @@ def format_table(results: Sequence[SettingResult], *, title: str = "") -> str:
 
 
 def results_to_json(results: Sequence[SettingResult], **record: Any) -> dict[str, Any]:
-  """JSON-ready dict: `record` (dataset, sampler, feature, ...) plus every setting."""
-  return {**record, "settings": [r.as_dict() for r in results]}
+  """JSON-ready dict: `record` (dataset, sampler, feature, ...) plus every setting.
+
+  Metric values (r1 ... mINP, their means and stds, the CMC curves) are fractions in [0, 1], as
+  `Metrics` holds them; the dict says so in its first entry, `"units": "fraction"`. Counts
+  (`num_valid`, `queries`, ...) are plain numbers.
+  """
+  return {"units": UNITS_FRACTION, **record, "settings": [r.as_dict() for r in results]}

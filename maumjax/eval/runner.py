@@ -105,9 +105,23 @@ def extract_split(extract: Extractor, source, *, batch_size: int = 64,
                tuple(paths), source)
 
 
+def sheet_title(dataset: str, setting: str, trial: int | None, detail: str = "") -> str:
+  """The ranked-list sheet's title: which ranking it shows and what its numbers are.
+
+  E.g. 'SYSU-MM01 all-search single-shot, trial 0 (agw gallery sampler): ranked by cosine
+  distance d = 1 - cos'.
+  """
+  mode, _, shot = setting.partition("/")
+  words = f"{mode}-search {shot}-shot" if shot in ("single", "multi") else setting
+  trial_text = "" if trial is None else f", trial {trial}"
+  detail = f" ({detail})" if detail else ""
+  return f"{dataset} {words}{trial_text}{detail}: ranked by cosine distance d = 1 - cos"
+
+
 def _write_outputs(out_dir, name: str, results, record, query: Split, pool: Split,
-                   rows: np.ndarray, exclude_rule: bool, num_ranked: int) -> tuple[Path, ...]:
-  """JSON record, CMC curves and a ranked-list sheet of the first setting's first trial."""
+                   rows: np.ndarray, exclude_rule: bool, num_ranked: int,
+                   title: str) -> tuple[Path, ...]:
+  """JSON record, CMC curves and a ranked-list sheet (titled `title`) of one trial's gallery."""
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   files = [out / f"eval_{name}.json"]
@@ -115,7 +129,8 @@ def _write_outputs(out_dir, name: str, results, record, query: Split, pool: Spli
   curves = {r.setting: np.stack([m.cmc for m in r.trials]) for r in results}
   files.append(plots.plot_cmc(curves, out / f"cmc_{name}.png", title=f"{name} CMC"))
   if num_ranked:
-    # The distances the metrics ranked by, as [query, gallery].
+    # The distances the metrics ranked by (-cos), as [query, gallery]; the labels print the
+    # cosine distance 1 - cos, which ranks the same.
     dist = np.asarray(metrics_lib.cosine_distance_rows(pool.feats[rows], query.feats)).T
     g_ids, g_cams = pool.ids[rows], pool.cams[rows]
     exclude = ((query.cams[:, None] == metrics_lib.SYSU_EXCLUDED[0])
@@ -130,11 +145,12 @@ def _write_outputs(out_dir, name: str, results, record, query: Split, pool: Spli
 
     q_imgs = [load(query, i) for i in chosen]
     g_imgs = [[load(pool, rows[j]) for j in row] for row in order]
-    q_labels = [f"id {query.ids[i]} cam{query.cams[i]}" for i in chosen]
-    g_labels = [[f"id {g_ids[j]} cam{g_cams[j]}\nd={dist[i, j]:.3f}" for j in row]
-                for i, row in zip(chosen, order)]
+    q_labels, g_labels = plots.ranked_list_labels(
+        query.feats[chosen], query.ids[chosen], query.cams[chosen], pool.feats[rows], g_ids,
+        g_cams, order)
     files.append(plots.ranked_list_sheet(q_imgs, g_imgs, correct, out / f"ranked_{name}.png",
-                                         query_labels=q_labels, gallery_labels=g_labels))
+                                         query_labels=q_labels, gallery_labels=g_labels,
+                                         title=title))
   return tuple(files)
 
 
@@ -157,7 +173,9 @@ def run_sysu(extract: Extractor, builder, *, root: str | os.PathLike,
     perm_file: the official permutation file (default `<root>/exp/rand_perm_cam.mat`).
     batch_size: extraction batch size.
     flip: flip test-time augmentation (off by default; recorded).
-    out_dir: if set, writes eval_sysu_mm01.json, cmc_sysu_mm01.png and ranked_sysu_mm01.png.
+    out_dir: if set, writes eval_sysu_mm01.json (the record: metrics as fractions,
+      `"units": "fraction"`), cmc_sysu_mm01.png and ranked_sysu_mm01.png (the first setting's
+      first trial).
     num_ranked: queries on the ranked-list sheet (0: none).
 
   Raises:
@@ -195,15 +213,20 @@ def run_sysu(extract: Extractor, builder, *, root: str | os.PathLike,
                                 f"{len(trials)} trials, flip TTA {'on' if flip else 'off'})")
   files = ()
   if out_dir is not None:
-    first = next(iter(galleries.values()))[0]
-    files = _write_outputs(out_dir, "sysu_mm01", results, record, query, pool, first, True,
-                           num_ranked)
+    setting, per_trial = next(iter(galleries.items()))
+    title = sheet_title("SYSU-MM01", setting, trials[0], f"{sampling} gallery sampler")
+    files = _write_outputs(out_dir, "sysu_mm01", results, record, query, pool, per_trial[0],
+                           True, num_ranked, title)
   return Report(results, table, record, files)
 
 
 def run_regdb(extract: Extractor, builder, *, batch_size: int = 64, flip: bool = False,
               out_dir: str | os.PathLike | None = None, num_ranked: int = 8) -> Report:
-  """Both RegDB directions for a prepared `regdb/trial_t` builder (one model, one trial)."""
+  """Both RegDB directions for a prepared `regdb/trial_t` builder (one model, one trial).
+
+  With `out_dir`, writes eval_regdb.json (metrics as fractions, `"units": "fraction"`),
+  cmc_regdb.png and ranked_regdb.png (visible queries against the thermal gallery).
+  """
   visible = extract_split(extract, pipeline_lib.PreparedSource(builder.data_dir, "test_visible"),
                           batch_size=batch_size, flip=flip)
   thermal = extract_split(extract, pipeline_lib.PreparedSource(builder.data_dir, "test_thermal"),
@@ -219,6 +242,7 @@ def run_regdb(extract: Extractor, builder, *, batch_size: int = 64, flip: bool =
                                 f"{'on' if flip else 'off'})")
   files = ()
   if out_dir is not None:
+    title = sheet_title("RegDB", "visible->thermal", trial)
     files = _write_outputs(out_dir, "regdb", results, record, visible, thermal,
-                           np.arange(len(thermal.ids)), False, num_ranked)
+                           np.arange(len(thermal.ids)), False, num_ranked, title)
   return Report(results, table, record, files)

@@ -45,6 +45,10 @@ Optional:
         with them, keeps the epoch length (`DataInfo.steps_per_epoch`) and stores them in the
         checkpoint so that a resumed run samples the same batches. None keeps the labels.
 
+    describe_phase(setup, phase: int) -> str | None
+        One line the trainer prints when a run enters `phase` (e.g. MAUM: "the
+        cross-modality terms join the loss"), so a user who sees the loss jump knows why.
+
 References: the seam sketched in ../shared/STYLE.md §3; fast-reid's dict of named, weighted
 losses (`meta_arch/baseline.py`).
 """
@@ -63,7 +67,7 @@ import optax
 from maumjax.train import state as state_lib
 
 REQUIRED = ("init", "phase", "step_parts", "embed", "variables_of")
-OPTIONAL = ("on_epoch_start",)
+OPTIONAL = ("on_epoch_start", "describe_phase")
 
 
 @dataclasses.dataclass(frozen=True)

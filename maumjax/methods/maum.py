@@ -198,6 +198,16 @@ def phase(setup: api.Setup, epoch: int) -> int:
   return int(loss.uni and epoch >= loss.uni_start_epoch)
 
 
+def describe_phase(setup: api.Setup, phase_: int) -> str | None:
+  """What changes when the run enters `phase_` (printed by the trainer)."""
+  loss = setup.config
+  if phase_ == 0:
+    return None
+  memory = f" with a {loss.memory_size}-step memory bank" if loss.memory_size else ""
+  return (f"the cross-modality terms (unidirectional proxy metrics{memory}) join the loss; "
+          "the total loss rises as they start")
+
+
 def _triplet_feats(out: dict[str, dict[str, jax.Array]], tri_on: str) -> list[jax.Array]:
   if tri_on == "global":
     if "global" not in out:

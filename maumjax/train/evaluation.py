@@ -4,6 +4,11 @@
 the method's `embed`; `evaluate_workdir` restores a run made by `maumjax.train.loop` (its
 config.json names the method; latest or chosen checkpoint) and evaluates it, as
 `python -m experiments.evaluate --workdir=DIR` does.
+
+Units: the runner's `Metrics` and its `eval_<dataset>.json` hold fractions in [0, 1]
+(`"units": "fraction"`); what is written for people to read is in percent: metrics.json
+(`result_record`, `"units": "percent"`, summary and protocol alike) and the logged scalars
+(`scalars`, named `<setting>/<metric>_pct` in log.jsonl and TensorBoard).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 
 import jax
 
+from maumjax import errors
 from maumjax import methods
 from maumjax.eval import protocol
 from maumjax.eval import runner
@@ -54,14 +60,107 @@ def evaluate(method, setup, state, prepared, config: dict[str, Any], *, full: bo
                           out_dir=out_dir, num_ranked=ev["num_ranked"] if out_dir else 0)
 
 
+class RunNotFoundError(errors.UserError, FileNotFoundError):
+  """The run to evaluate is missing: no such folder, no config.json, no checkpoint, or none at
+  the asked step (the message lists the steps there are)."""
+
+
+class RunConfigError(errors.UserError, ValueError):
+  """The run directory's config.json cannot be read as a run config."""
+
+
 def summarize(report: runner.Report) -> dict[str, dict[str, float]]:
-  """{setting: {r1, r5, r10, r20, mAP, mINP}} means over trials (percent)."""
+  """{setting: {r1, r5, r10, r20, mAP, mINP}} means over trials, in percent."""
   return {r.setting: {k: 100.0 * r.mean(k) for k in protocol.METRIC_KEYS} for r in report.results}
 
 
 def scalars(summary_: dict[str, dict[str, float]]) -> dict[str, float]:
-  return {f"{s}/{k}": v for s, m in summary_.items() for k, v in m.items()
+  """The logged scalars of a `summarize` summary: R1, mAP and mINP in percent.
+
+  Named `<setting>/<metric>_pct` (e.g. 'all/single/r1_pct'), so each log.jsonl record and
+  TensorBoard tag carries its unit.
+  """
+  return {f"{s}/{k}_pct": v for s, m in summary_.items() for k, v in m.items()
           if k in ("r1", "mAP", "mINP")}
+
+
+def protocol_percent(record: dict[str, Any]) -> dict[str, Any]:
+  """A copy of a runner record (`Report.record`, fractions) with its metric values in percent.
+
+  Every setting's mean and std of r1 ... mINP, its mean CMC, and each trial's r1 ... mINP and
+  CMC are multiplied by 100; counts (`num_valid`, `queries`, ...) are kept. `"units"` becomes
+  'percent'.
+
+  Raises:
+    ValueError: the record is not labelled `"units": "fraction"`.
+  """
+  if record.get("units") != protocol.UNITS_FRACTION:
+    raise ValueError(f"expected a runner record in fractions (units 'fraction'); got units "
+                     f"{record.get('units')!r}")
+
+  def pct(values):
+    return {k: 100.0 * v if k in protocol.METRIC_KEYS else v for k, v in values.items()}
+
+  def setting(s):
+    return {**s, "mean": pct(s["mean"]), "std": pct(s["std"]),
+            "cmc_mean": [100.0 * v for v in s["cmc_mean"]],
+            "trials": [{**pct(t), "cmc": [100.0 * v for v in t["cmc"]]} for t in s["trials"]]}
+
+  return {**record, "units": protocol.UNITS_PERCENT,
+          "settings": [setting(s) for s in record["settings"]]}
+
+
+def result_record(report: runner.Report) -> dict[str, Any]:
+  """What metrics.json holds besides the run's facts, every metric value in percent.
+
+  Returns:
+    {'units': 'percent', 'summary': `summarize(report)`, 'table': the printed table (percent),
+    'protocol': `protocol_percent(report.record)`}.
+  """
+  return {"units": protocol.UNITS_PERCENT, "summary": summarize(report), "table": report.table,
+          "protocol": protocol_percent(report.record)}
+
+
+def _read_config(workdir: Path) -> dict[str, Any]:
+  """The run config in `<workdir>/config.json`; raises a one-line `UserError` if unusable."""
+  how = ("--workdir must be a run directory made by python -m experiments.<method> "
+         "(e.g. experiments.maum)")
+  if not workdir.is_dir():
+    raise RunNotFoundError(f"run directory {workdir} does not exist: {how}")
+  path = workdir / "config.json"
+  if not path.is_file():
+    raise RunNotFoundError(f"{workdir} has no config.json, so it is not a run directory: {how}")
+  try:
+    config = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise RunConfigError(errors.one_line(
+        f"{path} is not valid JSON ({e}); it must be the config.json a training run wrote: "
+        f"{how}")) from e
+  missing = [k for k in ("method", "eval") if not isinstance(config, dict) or k not in config]
+  if missing:
+    raise RunConfigError(f"{path} has no {' or '.join(map(repr, missing))} entry; it must be "
+                         f"the config.json a training run wrote: {how}")
+  return config
+
+
+def _checkpoint_step(workdir: Path, step: int | None) -> int:
+  """The checkpoint step to restore (`step`, or the latest); raises a one-line `UserError`."""
+  # Checked before opening the Checkpointer, which would create the folder.
+  steps = []
+  if (workdir / "checkpoints").is_dir():
+    with checkpoint_lib.Checkpointer(workdir) as ckpt:
+      steps = sorted(ckpt.all_steps())
+  if not steps:
+    raise RunNotFoundError(f"{workdir} has no checkpoint (no step under "
+                           f"{workdir / 'checkpoints'}): train the run first, or pass the run "
+                           "directory that holds its checkpoints")
+  if step is None:
+    return steps[-1]
+  if step not in steps:
+    raise RunNotFoundError(f"{workdir} has no checkpoint at step {step}; its checkpoints are at "
+                           f"steps {', '.join(map(str, steps))} (pass one of them as --step, or "
+                           "leave --step out for the latest)")
+  return step
 
 
 def evaluate_workdir(workdir: str | os.PathLike, *, step: int | None = None,
@@ -74,29 +173,27 @@ def evaluate_workdir(workdir: str | os.PathLike, *, step: int | None = None,
     overrides: replacements for fields of the config's `eval` section.
 
   Returns:
-    {'summary', 'table', 'protocol', 'step', 'out_dir'}; also written to
-    `<workdir>/eval_step<step>/metrics.json`.
+    `result_record(report)` (units, summary, table, protocol; percent) plus 'step' and
+    'out_dir'; also written to `<workdir>/eval_step<step>/metrics.json`, next to the runner's
+    eval_<dataset>.json (fractions), CMC plot and ranked lists.
 
   Raises:
-    FileNotFoundError: the workdir has no config.json or no checkpoint.
+    RunNotFoundError: (a `UserError` and `FileNotFoundError`) the workdir does not exist, has no
+      config.json, has no checkpoint, or has none at `step` (the message lists the steps it
+      has); checked before any data is prepared.
+    RunConfigError: (a `UserError` and `ValueError`) config.json is not a run config.
   """
   workdir = Path(workdir).absolute()
-  path = workdir / "config.json"
-  if not path.exists():
-    raise FileNotFoundError(f"{path} not found: --workdir must be a run directory made by "
-                            "python -m experiments.<method> (e.g. experiments.maum)")
-  config = json.loads(path.read_text())
+  config = _read_config(workdir)
+  step = _checkpoint_step(workdir, step)
   config["eval"].update(overrides or {})
   method = methods.get(config["method"])
   prepared, _, pipe, _ = inputs.prepare(config)
   setup = method.init(config, inputs.data_info(pipe, config), seed=config["seed"])
   with checkpoint_lib.Checkpointer(workdir) as ckpt:
-    if ckpt.latest_step() is None:
-      raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first")
     state, meta = ckpt.restore(setup.state, step)
   out_dir = workdir / f"eval_step{meta['step']}"
   report = evaluate(method, setup, state, prepared, config, full=True, out_dir=out_dir)
-  result = {"summary": summarize(report), "table": report.table, "protocol": report.record,
-            "step": meta["step"], "out_dir": str(out_dir)}
+  result = {**result_record(report), "step": meta["step"], "out_dir": str(out_dir)}
   (out_dir / "metrics.json").write_text(json.dumps(result, indent=1))
   return result

@@ -9,7 +9,11 @@ loss, optim, train, eval; see experiments/configs/). The method comes from
 `on_epoch_start` hook (new state and, optionally, new training labels) at every epoch start.
 The workdir receives:
 
-* `config.json`: the resolved config (a restart checks it matches);
+* `.lock`: held (flock) by the run's main process for its whole life; a second run on the
+  same workdir is refused (`maumjax.train.workdir`);
+* `config.json`, `config_history.jsonl`: the resolved config (a restart with checkpoints checks
+  that it matches, unless `config_change` names the changed sections) and every start's
+  changes;
 * `checkpoints/<step>/`: Orbax checkpoints (train state, data-iterator state, epoch, and the
   training labels when the method relabelled the data);
 * `log.jsonl`, `tensorboard/`: training and evaluation scalars (`maumjax.train.writers`);
@@ -17,9 +21,10 @@ The workdir receives:
 * `metrics.json`: the final evaluation summary, timings and run facts.
 
 Restarting with the same workdir resumes from the latest checkpoint, with the same batches
-and the same parameters as an uninterrupted run. A non-finite loss stops the run
-(`NonFiniteLossError`); the step that produced it is not applied and no checkpoint is written
-after it.
+and the same parameters as an uninterrupted run. A step whose loss, gradient norm or update
+norm is not finite is not applied and stops the run (`NonFiniteLossError`), and a state that is
+not finite is never saved: every checkpoint holds finite values only. A failed save ends the
+run with `checkpoint.CheckpointSaveError` (one line: the folder and the OS reason).
 """
 
 from __future__ import annotations
@@ -27,14 +32,17 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from maumjax import methods
 from maumjax.data import pipeline as pipeline_lib
+from maumjax.errors import UserError
 from maumjax.methods import api
 from maumjax.train import checkpoint as checkpoint_lib
 from maumjax.train import evaluation
@@ -42,31 +50,20 @@ from maumjax.train import inputs
 from maumjax.train import optim
 from maumjax.train import parallel
 from maumjax.train import step as step_lib
+from maumjax.train import workdir as workdir_lib
 from maumjax.train import writers
 
-# Config sections that must match when a run resumes (train/eval settings may change).
-RESUME_SECTIONS = ("data", "model", "loss", "optim", "method", "seed", "num_epochs")
+RESUME_SECTIONS = workdir_lib.RESUME_SECTIONS  # re-exported
 
 
-class NonFiniteLossError(RuntimeError):
-  """The loss became NaN or infinite; the message names the step and the last checkpoint."""
+class NonFiniteLossError(UserError, RuntimeError):
+  """A step or the state became NaN/inf; the message names the step, the last good
+  checkpoint and how to restart from it."""
 
 
 def _as_dict(config) -> dict[str, Any]:
   """A plain JSON-normalised dict (tuples become lists), as config.json stores it."""
   return json.loads(json.dumps(config.to_dict() if hasattr(config, "to_dict") else config))
-
-
-def _check_resume_config(workdir: Path, config: dict[str, Any], *, write: bool = True) -> None:
-  path = workdir / "config.json"
-  if path.exists():
-    old = json.loads(path.read_text())
-    changed = [k for k in RESUME_SECTIONS if old.get(k) != config.get(k)]
-    if changed:
-      raise ValueError(f"{workdir} holds a run with a different config (sections {changed} "
-                       f"differ from {path}); resume with the same config or use a new --workdir")
-  if write:
-    path.write_text(json.dumps(config, indent=1, sort_keys=True))
 
 
 def _main_first(tag: str, fn):
@@ -120,8 +117,11 @@ class _Throughput:
   def add(self, images: int) -> None:
     self.images += images
 
+  def elapsed(self) -> float:
+    return self.seconds + (0.0 if self._since is None else time.perf_counter() - self._since)
+
   def rate(self) -> float | None:
-    seconds = self.seconds + (0.0 if self._since is None else time.perf_counter() - self._since)
+    seconds = self.elapsed()
     return self.images / seconds if self.images and seconds > 0 else None
 
 
@@ -140,8 +140,8 @@ class _Steps:
     return self._compiled[phase]
 
 
-def train_and_evaluate(config, workdir: str | os.PathLike, *,
-                       max_steps: int | None = None) -> dict[str, Any]:
+def train_and_evaluate(config, workdir: str | os.PathLike, *, max_steps: int | None = None,
+                       config_change: Sequence[str] = ()) -> dict[str, Any]:
   """Trains (or resumes) one run and evaluates it; returns the contents of metrics.json.
 
   Args:
@@ -149,19 +149,38 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *,
     workdir: run directory (checkpoints, logs, metrics.json).
     max_steps: stop this process after so many optimiser steps in total (a checkpoint is
       written first); the run continues from there when started again. None: run to the end.
+    config_change: sections of `RESUME_SECTIONS` that may differ from the config of the run
+      being resumed (e.g. ('optim',) to lower the learning rate after a non-finite stop); the
+      change is recorded in `config_history.jsonl`.
 
   Raises:
-    NonFiniteLossError: the loss became NaN/inf.
-    ValueError: the workdir holds a run with a different config, or an unknown method.
+    NonFiniteLossError: a step or the state became NaN/inf.
+    workdir.WorkdirError: the workdir is a file, or holds a run with a different config.
+    workdir.WorkdirLockedError: another process is running in the workdir.
+    checkpoint.CheckpointSaveError: a checkpoint could not be written.
+    ValueError: an unknown method.
   """
   config = _as_dict(config)
   method = methods.get(config["method"])
-  workdir = Path(workdir).absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
+  workdir = workdir_lib.ensure_workdir(workdir)
   if config.get("distributed"):
     initialize_distributed(config)
+  # One lock per run, held by its main process (the others share the main process's workdir).
+  lock = workdir_lib.WorkdirLock(workdir) if jax.process_index() == 0 else None
+  try:
+    return _train_and_evaluate(method, config, workdir, max_steps, tuple(config_change))
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train_and_evaluate(method, config: dict[str, Any], workdir: Path, max_steps: int | None,
+                        config_change: tuple[str, ...]) -> dict[str, Any]:
   is_main = jax.process_index() == 0
-  _main_first("config", lambda: _check_resume_config(workdir, config, write=is_main))
+  steps_saved = checkpoint_lib.saved_steps(workdir)
+  _main_first("config", lambda: workdir_lib.check_config(
+      workdir, config, checkpoint_step=steps_saved[-1] if steps_saved else None,
+      allow_change=config_change, write=is_main))
   tc = config["train"]
   prepared, pipe_cfg, pipe, source = _main_first("data", lambda: inputs.prepare(config))
   data = inputs.data_info(pipe, config)
@@ -181,6 +200,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *,
   if ckpt.latest_step() is not None:
     state, meta = ckpt.restore(setup.state)
   step = int(state.step)
+  # Training time of the earlier processes of this run (a resumed run reports the whole run's).
+  before = {k: float(meta.get(k, 0.0)) for k in ("train_seconds", "timed_seconds", "timed_images")}
   # The training labels in force and the epoch the current iterator starts at: a method that
   # relabels the data gets a new pipeline (same epoch length) from that epoch on.
   labels = meta.get("labels")
@@ -202,29 +223,55 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *,
   dstate = placement.put_state(state)
   del state
 
+  def run_times() -> dict[str, float]:
+    """This run's training time so far, over all its processes."""
+    return {"train_seconds": before["train_seconds"] + time.perf_counter() - t_start,
+            "timed_seconds": before["timed_seconds"] + timer.elapsed(),
+            "timed_images": before["timed_images"] + timer.images}
+
   def save(force: bool = False):
+    host_state = placement.get_state(dstate)
+    if not bool(_all_finite(host_state)):
+      raise NonFiniteLossError(
+          f"the train state after step {step} holds NaN/inf values (a step whose loss and "
+          f"gradients were finite overflowed the parameters or statistics); it was not "
+          f"saved. {_restart_advice(ckpt, config)}")
     meta = {"step": step, "epoch": step // steps_per_epoch, "data_iterator": iterator.get_state(),
-            "iterator_start_epoch": iter_start}
+            "iterator_start_epoch": iter_start,
+            **{k: round(v, 3) for k, v in run_times().items()}}
     if labels is not None:
       meta["labels"] = [int(x) for x in labels]
-    ckpt.save(step, placement.get_state(dstate), meta, force=force)
+    ckpt.save(step, host_state, meta, force=force)
 
   def check_finite(s: int, m) -> None:
     if not placement.get_metrics({"finite": m["finite"]})["finite"]:
       values = {k: v for k, v in placement.get_metrics(m).items() if k != "finite"}
+      shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items()
+                        if k in ("loss", "grad_norm", "update_norm"))
       raise NonFiniteLossError(
-          f"non-finite loss at step {s} (epoch {(s - 1) // steps_per_epoch}): {values}. The "
-          f"step was not applied and nothing after it was saved; the last good checkpoint is "
-          f"step {ckpt.latest_step()} in {ckpt.directory}. Lower optim.lr, check the data, or "
-          "use model.dtype='float32'.")
+          f"non-finite step {s} (epoch {(s - 1) // steps_per_epoch}: {shown}); it was not "
+          f"applied and nothing after it was saved. {_restart_advice(ckpt, config)}")
 
-  writer = writers.MetricWriter(workdir, tensorboard=tc["tensorboard"]) if is_main else None
+  def say(message: str) -> None:
+    if is_main:
+      bar.write(message)
+
+  writer = (writers.MetricWriter(workdir, tensorboard=tc["tensorboard"], resume_step=step)
+            if is_main else None)
   bar = writers.progress(total_steps, step, disable=not (tc["progress"] and is_main))
   limit = total_steps if max_steps is None else min(total_steps, max_steps)
   t_start = time.perf_counter()
   timer = _Throughput()
   ran = set()  # phases whose step has run (compiled) in this process
   pending = None
+  describe = getattr(method, "describe_phase", None)
+  shown_phase = method.phase(setup, step // steps_per_epoch) if step else None
+  if step < limit:
+    say(f"{config['method']}: {'resuming at' if step else 'training from'} step {step} of "
+        f"{total_steps} ({config['num_epochs']} epochs of {steps_per_epoch} steps, "
+        f"{2 * pairs} images per step, {devices} {jax.default_backend()} device(s)); "
+        f"checkpoints in {ckpt.directory}")
+  completed = False
   try:
     while step < limit:
       epoch = step // steps_per_epoch
@@ -246,6 +293,11 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *,
           iterator = open_iterator(labels, iter_start)
         timer.resume()
       phase = method.phase(setup, epoch)
+      if phase != shown_phase:
+        note = describe(setup, phase) if describe is not None else None
+        if note:
+          say(f"epoch {epoch}: {note}")
+        shown_phase = phase
       compiles = phase not in ran
       ran.add(phase)
       if compiles:  # a phase's first step includes its compilation: keep it out of the rate
@@ -291,24 +343,30 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *,
         report = evaluation.evaluate(method, setup, placement.get_state(dstate), prepared,
                                      config, full=False)
         timer.resume()
+        summary = evaluation.summarize(report)
         if writer:
-          writer.write(step, evaluation.scalars(evaluation.summarize(report)), kind="eval",
-                       epoch=epoch - 1)
+          writer.write(step, evaluation.scalars(summary), kind="eval", epoch=epoch - 1)
+        say(f"epoch {epoch - 1} quick evaluation: {_headline(summary)}")
     jax.block_until_ready(dstate)
     timer.pause()
     train_seconds = time.perf_counter() - t_start
-    if step < total_steps:  # stopped early by max_steps: leave a checkpoint to resume from
-      if ckpt.latest_step() != step:
-        save(force=True)
-      ckpt.wait()
-      return {"stopped_at_step": step, "total_steps": total_steps}
     if ckpt.latest_step() != step:
       save(force=True)
     ckpt.wait()
+    times = run_times()
+    completed = True
+    if step < total_steps:  # stopped early by max_steps: the checkpoint above resumes it
+      return {"stopped_at_step": step, "total_steps": total_steps}
   finally:
     bar.close()
     iterator.close()
-    ckpt.close()
+    if completed:
+      ckpt.close()
+    else:  # an error is on its way up: close without letting a second error replace it
+      try:
+        ckpt.close()
+      except Exception:  # noqa: BLE001
+        pass
     if writer:
       writer.close()
 
@@ -318,15 +376,16 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *,
                                out_dir=workdir / "eval" if is_main else None)
   eval_seconds = time.perf_counter() - t0
   result = {
-      "summary": evaluation.summarize(report),
-      "table": report.table,
-      "protocol": report.record,
+      **evaluation.result_record(report),
       "run": {
           "method": config["method"],
           "steps": total_steps, "epochs": config["num_epochs"],
           "steps_per_epoch": steps_per_epoch, "images_per_step": 2 * pairs,
+          "train_seconds": round(times["train_seconds"], 2),
           "train_seconds_this_process": round(train_seconds, 2),
-          "train_images_per_s": None if timer.rate() is None else round(timer.rate(), 2),
+          "train_images_per_s": (round(times["timed_images"] / times["timed_seconds"], 2)
+                                 if times["timed_images"] and times["timed_seconds"] > 0
+                                 else None),
           "eval_seconds": round(eval_seconds, 2), "parallel": mode, "devices": devices,
           "num_classes": data.num_classes, "dataset": prepared.name,
           "synthetic_data": prepared.synthetic,
@@ -339,6 +398,33 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *,
       w.write(total_steps, evaluation.scalars(result["summary"]), kind="final")
     (workdir / "metrics.json").write_text(json.dumps(result, indent=1))
   return result
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  """True when every floating-point leaf of `tree` is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _restart_advice(ckpt: checkpoint_lib.Checkpointer, config: dict[str, Any]) -> str:
+  """How to go on after a non-finite stop: from which checkpoint, with which flags."""
+  lr = config["optim"]["lr"]
+  flags = f"--config.optim.lr={lr / 10:g} --config_change=optim"
+  last = ckpt.latest_step()
+  if last is None:
+    return (f"No checkpoint was written yet: run again with the same --workdir and a lower "
+            f"learning rate ({flags}), or check the data, or use model.dtype='float32'")
+  return (f"The last good checkpoint is step {last} in {ckpt.directory}: resume from it with "
+          f"the same --workdir and a lower learning rate ({flags}), or check the data, or use "
+          "model.dtype='float32'")
+
+
+def _headline(summary: dict[str, dict[str, float]]) -> str:
+  """`all/single R1 12.3% mAP 20.1%` for the first setting of an evaluation summary."""
+  setting, values = next(iter(summary.items()))
+  return f"{setting} R1 {values['r1']:.1f}% mAP {values['mAP']:.1f}%"
 
 
 def _epoch_data(base: pipeline_lib.TrainPipeline, current: pipeline_lib.TrainPipeline,

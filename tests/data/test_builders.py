@@ -234,11 +234,13 @@ def test_tfds_missing_manual_dir_error_is_wrapped(tmp_path):
   (tmp_path / "empty").mkdir()
   builders = [SysuMm01(data_dir=tmp_path / "tfds", config=_SYSU_SMALL),
               Regdb(data_dir=tmp_path / "tfds", config=RegdbConfig(name="s", height=16, width=8))]
-  for builder in builders:
-    with pytest.raises(layouts.LayoutError, match="--manual_dir"):
+  builders[1].manual_dir_flag = "--config.data.manual_dir"  # as `build.build(flag=...)` sets
+  for builder, flag in zip(builders, ("--manual_dir", "--config.data.manual_dir")):
+    with pytest.raises(layouts.LayoutError, match=f"set {re.escape(flag)} ") as info:
       builder.download_and_prepare(
           file_format="array_record",
           download_config=tfds.download.DownloadConfig(manual_dir=tmp_path / "empty"))
+    assert "\n" not in str(info.value)  # one line, as every UserError
 
 
 def test_no_tensorflow_imported():

@@ -66,3 +66,22 @@ def test_decode_image_returns_three_channel_uint8(fmt):
   np.testing.assert_array_equal(out[..., 0], out[..., 2])
   if fmt != "JPEG":  # lossless formats round-trip exactly
     np.testing.assert_array_equal(out[..., 1], grey)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "BMP"])
+def test_check_image_catches_truncated_and_random_files_cheaply(tmp_path, fmt):
+  path = tmp_path / "x.img"
+  Image.fromarray(np.random.default_rng(2).integers(0, 255, (64, 32, 3), np.uint8)).save(
+      path, format=fmt)
+  images.check_image(path)
+  data = path.read_bytes()
+  for name, content in (("half", data[:len(data) // 2]), ("short", data[:-20]),
+                        ("random", np.random.default_rng(3).bytes(len(data)))):
+    bad = tmp_path / f"{name}.img"
+    bad.write_bytes(content)
+    message = _error(images.check_image, bad)
+    assert repr(str(bad)) in message and "re-extract" in message
+    assert "\n" not in message and " at 0x" not in message  # one line, no object repr
+  assert images.check_images(tmp_path, [{"path": "x.img"}] * 3) == 3
+  with pytest.raises(images.LayoutError, match="half.img"):
+    images.check_images(tmp_path, [{"path": "x.img"}, {"path": "half.img"}])

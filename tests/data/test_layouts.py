@@ -81,6 +81,39 @@ def test_find_sysu_root_errors_name_the_path(tmp_path):
   assert str(tmp_path / "a" / "b" / "SYSU-MM01") in message  # where the data really is
   regdb = _write_regdb(tmp_path / "regdb")
   assert "RegDB" in _error(layouts.find_sysu_root, regdb)
+  # The fix names the caller's flag: the build tool's by default, training's when asked.
+  assert "set --manual_dir" in _error(layouts.find_sysu_root, missing)
+  flagged = _error(layouts.find_regdb_root, missing, flag="--config.data.manual_dir")
+  assert "set --config.data.manual_dir" in flagged and "--manual_dir" not in flagged
+
+
+def test_layout_error_is_a_one_line_user_error(tmp_path):
+  from maumjax.errors import UserError
+
+  assert issubclass(layouts.LayoutError, UserError) and issubclass(layouts.LayoutError, ValueError)
+  assert "\n" not in _error(layouts.find_sysu_root, tmp_path / "nope")
+
+
+def test_fingerprint_follows_names_sizes_and_split_files(tmp_path):
+  root = _write_sysu(tmp_path)
+  first = layouts.sysu_fingerprint(root)
+  n_images = sum(len(c) for c in _SYSU_CAMS.values()) * 2
+  assert first["files"] == n_images and first == layouts.sysu_fingerprint(root)
+  (root / "exp" / "rand_perm_cam.mat").write_bytes(b"x")  # read by evaluation only
+  (root / "cam1" / "frames").mkdir()  # not an identity folder
+  (root / "cam1" / "frames" / "x.jpg").write_bytes(b"x")
+  assert layouts.sysu_fingerprint(root) == first
+  image = root / "cam1" / "0001" / "0001.jpg"
+  image.write_bytes(image.read_bytes() + b"\0")
+  resized = layouts.sysu_fingerprint(root)
+  assert resized["sha1"] != first["sha1"] and resized["bytes"] == first["bytes"] + 1
+  (root / "exp" / "val_id.txt").write_text("3")  # same size, other identity
+  assert layouts.sysu_fingerprint(root)["sha1"] != resized["sha1"]
+  regdb = _write_regdb(tmp_path / "regdb")
+  base = layouts.regdb_fingerprint(regdb, (1,))
+  (regdb / "idx" / "test_thermal_2.txt").write_text("")  # another trial's file
+  assert layouts.regdb_fingerprint(regdb, (1,)) == base
+  assert layouts.regdb_fingerprint(regdb, (2,))["sha1"] != base["sha1"]
 
 
 def test_scan_sysu_parses_ids_and_ignores_strays(tmp_path):
@@ -96,6 +129,8 @@ def test_scan_sysu_parses_ids_and_ignores_strays(tmp_path):
   assert tree.files[1, 1] == ("cam1/0001/0001.jpg", "cam1/0001/0002.jpg")
   expected_keys = {(c, p) for p, cams in _SYSU_CAMS.items() for c in cams}
   assert set(tree.files) == expected_keys
+  # Files in identity folders that are not images are listed; stray folders are not.
+  assert tree.ignored == ("cam1/0001/notes.txt", "cam1/0001/thumbs.png")
 
 
 def test_sysu_records_order_labels_and_fields(tmp_path):

@@ -275,3 +275,14 @@ def test_failure_leaves_nothing(tmp_path, monkeypatch):
   with pytest.raises(RuntimeError, match="disk full"):
     synthetic.write_sysu_mm01(tmp_path / "out", **_SMALL)
   assert list(tmp_path.iterdir()) == []
+
+
+def test_progress_counts_every_image(tmp_path):
+  kw = dict(num_identities=6, images_per_camera=2, height=32, width=16, seed=2)
+  counts = []
+  root = synthetic.write_sysu_mm01(tmp_path / "s", **kw, progress=counts.append)
+  assert len(counts) == synthetic.sysu_image_count(6, 2, 2) == len(list(root.glob("cam*/*/*.jpg")))
+  counts.clear()
+  root = synthetic.write_regdb(tmp_path / "r", num_identities=4, images_per_modality=2, height=32,
+                               width=16, num_trials=1, progress=counts.append)
+  assert len(counts) == 2 * 4 * 2 == len(list(root.glob("*/*/*.bmp")))

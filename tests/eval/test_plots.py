@@ -103,7 +103,7 @@ def test_ranked_list_sheet_borders_follow_correct_mask(tmp_path):
   queries = [_grey(64, 32), np.full((50, 20), GREY, np.uint8)]
   gallery = [[_grey(30 + 5 * j, 15) for j in range(5)] for _ in range(2)]
   path = plots.ranked_list_sheet(queries, gallery, correct, tmp_path / "s" / "sheet.png",
-                                 top_k=10, tile_hw=tile_hw, border=border)
+                                 top_k=10, tile_hw=tile_hw, border=border, legend=False)
   sheet = np.asarray(Image.open(path).convert("RGB")).astype(int)
 
   n, k = correct.shape
@@ -144,7 +144,7 @@ def test_ranked_list_sheet_labels_and_top_k(tmp_path):
   path = plots.ranked_list_sheet([_grey(32, 16)], [[_grey(32, 16)] * 3], correct,
                                  tmp_path / "sheet.png", query_labels=["id 3 cam3"],
                                  gallery_labels=gallery_labels, top_k=2, tile_hw=tile_hw,
-                                 border=border)
+                                 border=border, legend=False)
   sheet = np.asarray(Image.open(path).convert("RGB"))
   label_h = 2 * plots.LABEL_LINE_H + 2 * plots.LABEL_PAD  # two lines in the longest label
   box_w, box_h = tile_hw[1] + 2 * border, tile_hw[0] + 2 * border
@@ -160,6 +160,102 @@ def test_ranked_list_sheet_labels_and_top_k(tmp_path):
   # The long label is cut at its tile: the gap to the next tile stays background.
   x1 = _box(0, 1, tile_hw=tile_hw, border=border, label_h=label_h)[0] + box_w
   assert (sheet[strip_y, x1:x1 + plots.TILE_GAP] == 255).all()
+
+
+def _colour_mask(pixels: np.ndarray, rgb) -> np.ndarray:
+  return (pixels == np.asarray(rgb)).all(axis=-1)
+
+
+def test_ranked_list_sheet_title_and_legend(tmp_path):
+  """The header: a title line with text, a legend line with a swatch of each border colour."""
+  tile_hw, border = (20, 10), 3
+  correct = np.array([[True, False], [False, True]])
+  queries = [_grey(40, 20)] * 2
+  gallery = [[_grey(40, 20)] * 2] * 2
+  path = plots.ranked_list_sheet(queries, gallery, correct, tmp_path / "sheet.png",
+                                 tile_hw=tile_hw, border=border,
+                                 title="SYSU-MM01 all-search single-shot, trial 0")
+  sheet = np.asarray(Image.open(path).convert("RGB")).astype(int)
+  header_h = 2 * plots.HEADER_LINE_H + plots.ROW_GAP
+  box_w, box_h = tile_hw[1] + 2 * border, tile_hw[0] + 2 * border
+  grid_w = box_w + plots.QUERY_GAP + 2 * box_w + plots.TILE_GAP
+  assert sheet.shape[0] == 2 * plots.SHEET_MARGIN + header_h + 2 * box_h + plots.ROW_GAP
+  # The legend is wider than two small tiles: the sheet widens so that no text is cut.
+  assert sheet.shape[1] > 2 * plots.SHEET_MARGIN + grid_w
+  assert (sheet[:, -plots.SHEET_MARGIN:] == 255).all()
+
+  top = plots.SHEET_MARGIN
+  title = sheet[top:top + plots.HEADER_LINE_H]
+  legend = sheet[top + plots.HEADER_LINE_H:top + 2 * plots.HEADER_LINE_H]
+  assert (title.max(axis=-1) < 100).sum() > 100, "the title line is blank"
+  assert (legend.max(axis=-1) < 100).sum() > 100, "the legend has no text"
+  # One solid swatch per colour, left to right: query, same identity, different identity.
+  lefts = []
+  for rgb in (plots.QUERY_RGB, plots.CORRECT_RGB, plots.WRONG_RGB):
+    mask = _colour_mask(legend, rgb)
+    assert mask.sum() == plots.SWATCH ** 2, f"swatch of {rgb}"
+    assert not _colour_mask(title, rgb).any()
+    lefts.append(np.nonzero(mask.any(axis=0))[0][0])
+  assert lefts == sorted(lefts)
+  assert [text for text, _ in plots.LEGEND] == ["query", "same identity as the query",
+                                                "different identity"]
+  # The tiles start under the header, with their borders where the layout says.
+  layout = plots.sheet_layout(2, 2, tile_hw=tile_hw, border=border, header_lines=2)
+  for i in range(2):
+    for col in range(3):
+      x0, y0, _, _ = layout.box(i, col)
+      assert y0 >= plots.SHEET_MARGIN + header_h
+      expected = plots.QUERY_RGB if col == 0 else (
+          plots.CORRECT_RGB if correct[i, col - 1] else plots.WRONG_RGB)
+      np.testing.assert_array_equal(sheet[y0 + 1, x0 + 1], expected, err_msg=f"{i} {col}")
+  # Between the header and the first row of tiles: background.
+  gap = sheet[top + 2 * plots.HEADER_LINE_H:layout.box(0, 0)[1]]
+  assert gap.size and (gap == 255).all()
+
+  # Without a title the legend is the only header line.
+  plain = plots.ranked_list_sheet(queries, gallery, correct, tmp_path / "plain.png",
+                                  tile_hw=tile_hw, border=border)
+  plain_px = np.asarray(Image.open(plain).convert("RGB")).astype(int)
+  assert plain_px.shape[0] == sheet.shape[0] - plots.HEADER_LINE_H
+  first = plain_px[top:top + plots.HEADER_LINE_H]
+  assert _colour_mask(first, plots.CORRECT_RGB).sum() == plots.SWATCH ** 2
+
+
+def test_ranked_list_labels_print_one_minus_cosine():
+  """d under a gallery tile is the cosine distance 1 - cos in [0, 2], whatever the norms."""
+  q = np.array([[2.0, 0.0], [0.0, 0.5]])
+  g = np.array([[3.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.6, 0.8], [1.0, 1.0]])
+  order = np.array([[0, 3, 4, 1, 2], [1, 4, 3, 0, 2]])
+  q_labels, g_labels = plots.ranked_list_labels(q, [7, 8], [3, 6], g, [7, 8, 9, 7, 8],
+                                                [1, 2, 4, 5, 1], order)
+  assert q_labels == ["id 7 cam3", "id 8 cam6"]
+  assert g_labels[0] == ["id 7 cam1\nd=0.000", "id 7 cam5\nd=0.400", "id 8 cam1\nd=0.293",
+                         "id 8 cam2\nd=1.000", "id 9 cam4\nd=2.000"]
+  assert g_labels[1] == ["id 8 cam2\nd=0.000", "id 8 cam1\nd=0.293", "id 7 cam5\nd=0.200",
+                         "id 7 cam1\nd=1.000", "id 9 cam4\nd=1.000"]
+  # Random features: every printed d is 1 - cos to three decimals, never negative.
+  rng = np.random.default_rng(0)
+  q, g = rng.standard_normal((4, 16)), rng.standard_normal((30, 16)) * 5
+  order = np.stack([rng.permutation(30)[:10] for _ in range(4)])
+  _, g_labels = plots.ranked_list_labels(q, np.zeros(4, int), np.zeros(4, int), g,
+                                         np.zeros(30, int), np.zeros(30, int), order)
+  cos = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (
+      g / np.linalg.norm(g, axis=1, keepdims=True)).T
+  for i in range(4):
+    printed = [float(label.split("d=")[1]) for label in g_labels[i]]
+    np.testing.assert_allclose(printed, 1 - cos[i, order[i]], atol=5e-4)
+    assert min(printed) >= 0 and max(printed) <= 2
+
+
+def test_ranked_list_labels_reject_mismatches():
+  q, g, order = np.ones((2, 3)), np.ones((4, 3)), np.zeros((2, 2), int)
+  ids2, ids4 = np.zeros(2, int), np.zeros(4, int)
+  with pytest.raises(ValueError, match="disagree"):
+    plots.ranked_list_labels(q, ids2, ids2, np.ones((4, 2)), ids4, ids4, order)
+  with pytest.raises(ValueError, match="disagree"):
+    plots.ranked_list_labels(q, ids2[:1], ids2, g, ids4, ids4, order)
+  with pytest.raises(ValueError, match=r"outside \[0, 4\)"):
+    plots.ranked_list_labels(q, ids2, ids2, g, ids4, ids4, order + 4)
 
 
 def test_ranked_list_sheet_rejects_mismatches(tmp_path):

@@ -14,6 +14,7 @@ from PIL import Image
 from maumjax.data import augment
 from maumjax.data import prepare as prepare_lib
 from maumjax.eval import gallery as gallery_lib
+from maumjax.eval import plots
 from maumjax.eval import runner
 from tests.eval.test_metrics import _brute
 
@@ -57,9 +58,35 @@ def sysu(tmp_path_factory):
   return manual, builder
 
 
-def test_run_sysu_equals_independent_recomputation(sysu, tmp_path):
+def _capture_sheets(monkeypatch) -> list[dict]:
+  """Records the arguments of every ranked-list sheet the runner draws (and still draws it)."""
+  calls = []
+  draw = plots.ranked_list_sheet
+
+  def spy(*args, **kwargs):
+    calls.append(dict(kwargs, args=args))
+    return draw(*args, **kwargs)
+
+  monkeypatch.setattr(plots, "ranked_list_sheet", spy)
+  return calls
+
+
+def _check_sheet_distances(sheet, qf, q_ids, gf, g_ids):
+  """Each gallery label's d is 1 - cos to its query (features normalised), in [0, 2]."""
+  for q_label, row in zip(sheet["query_labels"], sheet["gallery_labels"]):
+    query = int(q_label.split()[1])
+    for label in row:
+      gallery, d = int(label.split()[1]), float(label.split("d=")[1])
+      assert 0 <= d <= 2, label
+      # Identities are not unique; some image of each identity must be at that distance.
+      cos = qf[q_ids == query] @ gf[g_ids == gallery].T
+      assert np.abs(1 - cos - d).min() < 6e-4, (q_label, label)
+
+
+def test_run_sysu_equals_independent_recomputation(sysu, tmp_path, monkeypatch):
   manual, builder = sysu
-  report = runner.run_sysu(_extract, builder, root=manual, trials=(0, 3), batch_size=16,
+  sheets = _capture_sheets(monkeypatch)
+  report = runner.run_sysu(_extract, builder, root=manual, trials=(3, 0), batch_size=16,
                            out_dir=tmp_path, num_ranked=3)
   q_img, q_ids, q_cams, _ = _decoded(builder, "query")
   g_img, g_ids, g_cams, g_paths = _decoded(builder, "gallery")
@@ -72,7 +99,7 @@ def test_run_sysu_equals_independent_recomputation(sysu, tmp_path):
   for mode in ("all", "indoor"):
     for shot, name in ((1, "single"), (10, "multi")):
       res = by_setting[f"{mode}/{name}"]
-      for t, trial in enumerate((0, 3)):
+      for t, trial in enumerate((3, 0)):
         idx = [where[p] for p in gallery_lib.sysu_gallery(manual, mode=mode, shot=shot,
                                                           trial=trial)]
         cmc, m_ap, m_inp, n = _brute(-(qf @ gf[idx].T), q_ids, g_ids[idx], q_cams, g_cams[idx],
@@ -84,8 +111,18 @@ def test_run_sysu_equals_independent_recomputation(sysu, tmp_path):
       assert res.mean("mAP") == pytest.approx(np.mean([m.mAP for m in res.trials]))
   # Outputs: JSON with the protocol record, the CMC plot and the ranked-list sheet.
   record = json.loads((tmp_path / "eval_sysu_mm01.json").read_text())
-  assert record["sampler"] == "agw" and record["trials"] == [0, 3] and not record["flip_tta"]
+  assert record["sampler"] == "agw" and record["trials"] == [3, 0] and not record["flip_tta"]
   assert len(record["settings"]) == 4 and "mean" in record["settings"][0]
+  # The record holds fractions, and says so.
+  assert record["units"] == "fraction" == report.record["units"]
+  first = record["settings"][0]
+  assert first["mean"]["r1"] == pytest.approx(by_setting[first["setting"]].mean("r1"))
+  assert all(0 <= v <= 1 for s in record["settings"] for v in s["mean"].values())
+  # The sheet: the first setting's first trial, titled, labelled with d = 1 - cos.
+  (sheet,) = sheets
+  assert sheet["title"].startswith("SYSU-MM01 all-search single-shot, trial 3 (agw gallery")
+  assert "cosine distance d = 1 - cos" in sheet["title"]
+  _check_sheet_distances(sheet, qf, q_ids, gf, g_ids)
   assert Image.open(tmp_path / "cmc_sysu_mm01.png").size[0] > 100
   sheet = Image.open(tmp_path / "ranked_sysu_mm01.png")
   assert sheet.size[1] > sheet.size[0] / 10  # three rows of tiles
@@ -110,7 +147,8 @@ def test_flip_tta_is_recorded_and_flip_invariant_features_agree(sysu):
                              atol=1e-6)
 
 
-def test_run_regdb_both_directions(tmp_path):
+def test_run_regdb_both_directions(tmp_path, monkeypatch):
+  sheets = _capture_sheets(monkeypatch)
   spec = prepare_lib.SyntheticSpec(num_identities=8, images_per_modality=3, height=32, width=16,
                                    seed=2)
   manual = prepare_lib.write_synthetic("regdb", spec, tmp_path / "synthetic")
@@ -129,5 +167,17 @@ def test_run_regdb_both_directions(tmp_path):
     cmc, m_ap, m_inp, n = _brute(-(qf @ gf.T), qi, gi, dedup=False)
     np.testing.assert_allclose(res[name].cmc, cmc, atol=1e-5)
     np.testing.assert_allclose([res[name].mAP, res[name].mINP], [m_ap, m_inp], atol=1e-5)
-  assert report.record["trial"] == 2
+  assert report.record["trial"] == 2 and report.record["units"] == "fraction"
+  assert json.loads((tmp_path / "out" / "eval_regdb.json").read_text())["units"] == "fraction"
   assert (tmp_path / "out" / "ranked_regdb.png").is_file()
+  (sheet,) = sheets
+  assert sheet["title"].startswith("RegDB visible->thermal, trial 2:")
+  _check_sheet_distances(sheet, vf, v_ids, tf, t_ids)
+
+
+def test_sheet_title_names_dataset_setting_and_trial():
+  assert runner.sheet_title("SYSU-MM01", "indoor/multi", 4, "official gallery sampler") == (
+      "SYSU-MM01 indoor-search multi-shot, trial 4 (official gallery sampler): ranked by cosine "
+      "distance d = 1 - cos")
+  assert runner.sheet_title("RegDB", "visible->thermal", None).startswith(
+      "RegDB visible->thermal: ")

@@ -61,6 +61,7 @@ def test_run_writes_checkpoints_logs_and_metrics(uninterrupted):
   workdir, result = uninterrupted
   saved = json.loads((workdir / "metrics.json").read_text())
   assert saved["summary"] == result["summary"]
+  assert saved["units"] == saved["protocol"]["units"] == "percent"
   assert set(saved["summary"]) == {"all/single", "all/multi", "indoor/single", "indoor/multi"}
   for setting in saved["summary"].values():
     assert 0.0 <= setting["r1"] <= 100.0 and 0.0 < setting["mAP"] <= 100.0
@@ -139,9 +140,9 @@ def test_killed_process_resumes_to_the_uninterrupted_result(uninterrupted, cache
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cache, tmp_path):
   config = _config(checkpoint_every_steps=1)
   config.optim.lr = 1e30  # the first update makes the parameters overflow
-  with pytest.raises(loop.NonFiniteLossError, match=r"non-finite loss at step (\d+)") as err:
+  with pytest.raises(loop.NonFiniteLossError, match=r"non-finite step (\d+)") as err:
     loop.train_and_evaluate(config, tmp_path)
-  bad_step = int(err.value.args[0].split("at step ")[1].split()[0])
+  bad_step = int(err.value.args[0].split("non-finite step ")[1].split()[0])
   with checkpoint_lib.Checkpointer(tmp_path) as ckpt:
     last = ckpt.latest_step()
   assert last == bad_step - 1 if bad_step > 1 else last is None
