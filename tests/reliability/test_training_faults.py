@@ -311,3 +311,23 @@ def test_a_resumed_run_logs_each_step_once_and_keeps_the_run_training_time(
   new = [f for f in (tmp_path / "tensorboard").iterdir() if f.name not in before]
   purges = [_event_steps(f)[1] for f in sorted(new)]
   assert purges[0] == 5  # the second process hides the first one's events from step 5 on
+
+
+def test_a_run_says_where_it_starts_each_phase_and_each_quick_evaluation(
+    cache, tmp_path, monkeypatch, capsys):
+  monkeypatch.setitem(methods.METHODS, "tiny", tiny_method.make(phases=True))
+  config = _config(checkpoint_every_steps=0, eval_every_epochs=1)
+  spe = loop.train_and_evaluate(config, tmp_path / "a", max_steps=1)["total_steps"] // 2
+  out = capsys.readouterr().out
+  assert f"tiny: training from step 0 of {2 * spe}" in out
+  loop.train_and_evaluate(config, tmp_path / "a", max_steps=spe + 1)
+  out = capsys.readouterr().out.splitlines()
+  resumed = [i for i, line in enumerate(out) if line.startswith("tiny: resuming at step 1 of")]
+  quick = [i for i, line in enumerate(out)
+           if line.startswith("epoch 0 quick evaluation: all/single R1 ")]
+  phase = [i for i, line in enumerate(out)
+           if line == "epoch 1: phase one of the tiny method starts"]
+  assert len(resumed) == len(quick) == len(phase) == 1, out
+  assert resumed[0] < quick[0] < phase[0]
+  rows = writers.read_log(tmp_path / "a", "eval")
+  assert len(rows) == 1 and f"{rows[0]['all/single/r1_pct']:.1f}%" in out[quick[0]]

@@ -39,10 +39,10 @@ class TinyNet(nn.Module):
 
 
 def make(fault: str | None = None, at_step: int = 0, min_lr: float = 0.0, *,
-         state_floats: int = 0) -> types.ModuleType:
+         state_floats: int = 0, phases: bool = False) -> types.ModuleType:
   """The method module (register it in `maumjax.methods.METHODS`); `state_floats` adds a
   random array of that size to `method_state` (a large, incompressible checkpoint for the
-  failed-save test)."""
+  failed-save test); `phases` makes epochs >= 1 a second phase, with a `describe_phase`."""
   mod = types.ModuleType("tiny")
   armed_by_lr = [False]
 
@@ -61,7 +61,10 @@ def make(fault: str | None = None, at_step: int = 0, min_lr: float = 0.0, *,
     return api.Setup(model=model, tx=tx, state=state, config=None, data=data)
 
   def phase(setup, epoch):
-    return 0
+    return int(phases and epoch >= 1)
+
+  def describe_phase(setup, phase_):
+    return "phase one of the tiny method starts" if phase_ else None
 
   def step_parts(setup, phase_, ctx):
     model = setup.model
@@ -97,6 +100,6 @@ def make(fault: str | None = None, at_step: int = 0, min_lr: float = 0.0, *,
   def variables_of(state):
     return {"params": state.params["model"], "batch_stats": state.batch_stats}
 
-  for fn in (init, phase, step_parts, embed, variables_of):
+  for fn in (init, phase, step_parts, embed, variables_of, describe_phase):
     setattr(mod, fn.__name__, fn)
   return mod
