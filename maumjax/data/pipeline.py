@@ -65,6 +65,9 @@ class PipelineConfig:
     imbalance_unit: 'images' (variant A) or 'identities' (variant B), see
       `maumjax.data.sampler.modality_subset`.
     seed: seed of the sampler, the augmentation and the imbalance subset.
+    sampler: 'agw' (`sampler.IdentitySampler`: P random identities per step, K images of each
+      modality drawn with replacement; AGW, MAUM) or 'mpanet' (`sampler.MPANetSampler`: one
+      pass over every identity's paired K + K chunks per epoch; MPANet).
   """
 
   num_identities: int = 8
@@ -80,8 +83,11 @@ class PipelineConfig:
   imbalance_modality: int = sampler_lib.INFRARED
   imbalance_unit: str = "images"
   seed: int = 0
+  sampler: str = "agw"
 
   def __post_init__(self):
+    if self.sampler not in sampler_lib.SAMPLERS:
+      raise ValueError(f"sampler={self.sampler!r}; choose one of {tuple(sampler_lib.SAMPLERS)}")
     if self.augment_on not in AUGMENT_ON:
       raise ValueError(f"augment_on={self.augment_on!r}; choose one of {AUGMENT_ON}")
     if self.cache not in CACHE_MODES:
@@ -396,7 +402,7 @@ def make_train_pipeline(source: Sequence[dict[str, Any]], config: PipelineConfig
                        f"{meta['label'].shape}")
     keep = keep & (labels >= 0)
     meta = {**meta, "label": labels}
-  sampler = sampler_lib.IdentitySampler(
+  sampler = sampler_lib.SAMPLERS[config.sampler](
       meta["label"], meta["modality"], num_identities=config.num_identities,
       num_instances=config.num_instances, seed=config.seed, keep=keep,
       steps_per_epoch=steps_per_epoch)

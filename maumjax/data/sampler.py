@@ -1,6 +1,10 @@
-"""Cross-modality identity sampler (P identities x K visible + K infrared) and imbalance subsets.
+"""Cross-modality identity samplers (P identities x K visible + K infrared) and imbalance subsets.
 
-The sampler follows the AGW reference `IdentitySampler` (protocol.md §5.1):
+Two samplers with the same output (`EpochPlan`), chosen by `PipelineConfig.sampler` through
+`SAMPLERS`: 'agw' (`IdentitySampler`, below) and 'mpanet' (`MPANetSampler`, one pass over each
+identity's paired images, mpanet.md §2.3).
+
+The 'agw' sampler follows the AGW reference `IdentitySampler` (protocol.md §5.1):
 
 1. N = max(number of visible training images, number of infrared training images);
 2. an epoch has floor(N / (P*K)) + 1 steps;
@@ -134,6 +138,94 @@ class IdentitySampler:
           out[m, s, j] = rng.choice(pool, size=k, replace=True)
     flat = out.reshape(2, -1)
     return EpochPlan(flat[0], flat[1], self.steps_per_epoch, self.per_step)
+
+
+class MPANetSampler:
+  """MPANet's identity sampler (mpanet.md §2.3): an epoch is one pass over paired chunks.
+
+  Per pass, for every identity with images of both modalities:
+  1. if both its lists are shorter than K, both are up-sampled with replacement to K;
+     otherwise the longer one is sub-sampled without replacement to the shorter one's length,
+     so the identity gives min(#visible, #infrared) images per modality;
+  2. both lists are shuffled and cut into chunks of K (a shorter remainder is dropped), chunk i
+     pairing K visible with K infrared images of the identity;
+  3. P distinct identities with chunks left are drawn uniformly and give one chunk each, until
+     fewer than P identities have chunks left.
+
+  The released code's batch of K_code images per identity is K = K_code / 2 per modality here
+  (SYSU: P = 16, K = 4). Every step holds P whole identities, K + K images each, in the
+  identity-major `EpochPlan` layout of `IdentitySampler`.
+
+  Epoch length [I]: how many steps a pass gives depends on the draws in step 3, but the trainer
+  needs a fixed epoch length. `steps_per_epoch` is the length of the pass drawn for epoch 0
+  (a deterministic function of the data and the seed); an epoch whose pass is shorter continues
+  with a fresh pass (same generator) and a longer one is cut, so each epoch is about one full
+  pass, never an estimate counting one modality only (the code's issue #11, mpanet.md §2.3).
+
+  Args: as `IdentitySampler` (num_identities P, num_instances K per modality, seed, keep,
+    steps_per_epoch: None for the epoch-0 pass length).
+
+  Raises:
+    ValueError: mismatched arrays, P or K < 1, or fewer than P identities with a chunk.
+  """
+
+  def __init__(self, labels: Sequence[int] | np.ndarray, modality: Sequence[int] | np.ndarray,
+               *, num_identities: int = 16, num_instances: int = 4, seed: int = 0,
+               keep: np.ndarray | None = None, steps_per_epoch: int | None = None):
+    base = IdentitySampler(labels, modality, num_identities=num_identities,
+                           num_instances=num_instances, seed=seed, keep=keep,
+                           steps_per_epoch=steps_per_epoch)  # the same checks
+    self._lists = base._lists
+    both = sorted(set(self._lists[VISIBLE]) & set(self._lists[INFRARED]))
+    self.identities = np.array(both, np.int64)
+    self.num_identities, self.num_instances, self.seed = num_identities, num_instances, seed
+    self.num_images, self.per_step = base.num_images, base.per_step
+    chunked = [c for c in both if self._chunks(c) > 0]
+    if len(chunked) < num_identities:
+      raise ValueError(f"num_identities P={num_identities} exceeds the {len(chunked)} "
+                       f"identities with at least K={num_instances} images of each modality (or "
+                       "fewer than K of both); lower --config.data.pipeline.num_identities")
+    self.steps_per_epoch = (len(self._pass(np.random.default_rng([seed, 0])))
+                            if steps_per_epoch is None else int(steps_per_epoch))
+
+  def _chunks(self, label: int) -> int:
+    n_vis, n_ir = len(self._lists[VISIBLE][label]), len(self._lists[INFRARED][label])
+    k = self.num_instances
+    return 1 if n_vis < k and n_ir < k else min(n_vis, n_ir) // k
+
+  def _pass(self, rng: np.random.Generator) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    """One pass: a list of steps, each P (visible chunk, infrared chunk) pairs."""
+    k, chunks = self.num_instances, {}
+    for label in self.identities.tolist():
+      vis, ir = self._lists[VISIBLE][label], self._lists[INFRARED][label]
+      if len(vis) < k and len(ir) < k:
+        vis, ir = rng.choice(vis, k, replace=True), rng.choice(ir, k, replace=True)
+      else:
+        n = min(len(vis), len(ir))
+        vis, ir = rng.choice(vis, n, replace=False), rng.choice(ir, n, replace=False)
+      chunks[label] = [(vis[i * k:(i + 1) * k], ir[i * k:(i + 1) * k])
+                       for i in range(len(vis) // k)]
+    steps = []
+    while True:
+      available = np.array([c for c in self.identities.tolist() if chunks[c]], np.int64)
+      if available.size < self.num_identities:
+        return steps
+      chosen = rng.choice(available, size=self.num_identities, replace=False)
+      steps.append([chunks[c].pop(0) for c in chosen.tolist()])
+
+  def epoch(self, epoch: int) -> EpochPlan:
+    """Returns the index arrays of `epoch` (deterministic in (seed, epoch))."""
+    rng = np.random.default_rng([self.seed, epoch])
+    steps: list = []
+    while len(steps) < self.steps_per_epoch:
+      steps += self._pass(rng)
+    steps = steps[:self.steps_per_epoch]
+    vis = np.array([[v for v, _ in step] for step in steps], np.int64)
+    ir = np.array([[i for _, i in step] for step in steps], np.int64)
+    return EpochPlan(vis.reshape(-1), ir.reshape(-1), self.steps_per_epoch, self.per_step)
+
+
+SAMPLERS = {"agw": IdentitySampler, "mpanet": MPANetSampler}
 
 
 def modality_subset(labels: np.ndarray, modality: np.ndarray, *, fraction: float,

@@ -132,3 +132,100 @@ def test_imbalance_argument_errors():
     sampler_lib.modality_subset(labels, modality, fraction=0.0)
   with pytest.raises(ValueError, match="'ids'"):
     sampler_lib.modality_subset(labels, modality, fraction=0.5, unit="ids")
+
+
+# ---------------------------------------------------------------------------- MPANet sampler
+
+
+def _mpanet_pass_reading(labels, modality, plan, p, k, counts):
+  """Brute-force reading of mpanet.md §2.3 for the steps of one pass: P distinct identities
+  per step, each K visible + K infrared of its own; an identity appears in at most
+  `counts[c]` steps (its chunk count); no image repeats within the pass unless its identity
+  was up-sampled (both modalities shorter than K)."""
+  seen = {}
+  for step in range(plan.steps):
+    block = slice(step * p * k, (step + 1) * p * k)
+    vis, ir = plan.visible[block].reshape(p, k), plan.infrared[block].reshape(p, k)
+    assert np.all(modality[vis] == 0) and np.all(modality[ir] == 1)
+    ids = labels[vis[:, 0]]
+    assert len(set(ids.tolist())) == p
+    for j, c in enumerate(ids.tolist()):
+      assert np.all(labels[vis[j]] == c) and np.all(labels[ir[j]] == c)
+      seen.setdefault(c, []).append((vis[j], ir[j]))
+  for c, chunks in seen.items():
+    assert len(chunks) <= counts[c]
+    n_vis, n_ir = np.sum((labels == c) & (modality == 0)), np.sum((labels == c) & (modality == 1))
+    if not (n_vis < k and n_ir < k):  # sub-sampled without replacement
+      for m in (0, 1):
+        flat = np.concatenate([ch[m] for ch in chunks])
+        assert len(np.unique(flat)) == flat.size
+  return seen
+
+
+def test_mpanet_sampler_follows_the_pass_of_the_spec():
+  # identity: (visible, infrared) counts; K = 2 per modality.
+  counts_rgb = [9, 4, 1, 6, 2, 5, 3, 8]
+  counts_ir = [3, 4, 1, 7, 9, 0, 5, 2]
+  labels, modality = _records(counts_rgb, counts_ir)
+  p, k = 3, 2
+  # Chunks per identity: min(#vis, #ir) // K, or 1 when both are shorter than K (up-sampled);
+  # identity 5 has no infrared image and gives none.
+  chunks = {0: 1, 1: 2, 2: 1, 3: 3, 4: 1, 5: 0, 6: 1, 7: 1}
+  s = sampler_lib.MPANetSampler(labels, modality, num_identities=p, num_instances=k, seed=3)
+  assert set(s.identities.tolist()) == {0, 1, 2, 3, 4, 6, 7}
+  for epoch in range(4):
+    rng = np.random.default_rng([3, epoch])
+    one_pass = s._pass(rng)
+    # The pass ends only when fewer than P identities have chunks left.
+    used = {}
+    for step in one_pass:
+      for v, _ in step:
+        used[int(labels[v[0]])] = used.get(int(labels[v[0]]), 0) + 1
+    left = [c for c, n in chunks.items() if n - used.get(c, 0) > 0]
+    assert len(left) < p
+    plan = s.epoch(epoch)
+    assert plan.steps == s.steps_per_epoch
+    if len(one_pass) >= s.steps_per_epoch:  # the epoch is (the start of) this pass
+      _mpanet_pass_reading(labels, modality, plan, p, k, chunks)
+  # Identity 2 has 1 + 1 images (< K): up-sampled with replacement to K each.
+  plan = s.epoch(0)
+  assert plan.visible.shape == plan.infrared.shape == (s.steps_per_epoch * p * k,)
+
+
+def test_mpanet_sampler_hand_case_and_fixed_length():
+  # Three identities with exactly one chunk each and P = 2: one step, then one identity is
+  # left (< P), so the pass has one step; the epoch length is that, every epoch.
+  labels, modality = _records([2, 2, 2], [2, 3, 2])
+  s = sampler_lib.MPANetSampler(labels, modality, num_identities=2, num_instances=2, seed=0)
+  assert s.steps_per_epoch == 1
+  for epoch in range(5):
+    plan = s.epoch(epoch)
+    assert plan.steps == 1 and plan.visible.size == 4
+  # A fixed length longer than a pass continues with a fresh pass, and is deterministic.
+  s = sampler_lib.MPANetSampler(labels, modality, num_identities=2, num_instances=2, seed=0,
+                                steps_per_epoch=5)
+  a, b = s.epoch(1), s.epoch(1)
+  assert a.steps == 5 and np.array_equal(a.visible, b.visible)
+  assert not np.array_equal(s.epoch(2).visible, a.visible)
+
+
+def test_mpanet_sampler_epoch_is_one_full_pass_on_a_larger_set():
+  rng = np.random.default_rng(0)
+  counts_rgb = rng.integers(4, 30, size=40).tolist()
+  counts_ir = rng.integers(4, 20, size=40).tolist()
+  labels, modality = _records(counts_rgb, counts_ir)
+  p, k = 8, 4
+  s = sampler_lib.MPANetSampler(labels, modality, num_identities=p, num_instances=k, seed=1)
+  chunks = {c: min(a, b) // k for c, (a, b) in enumerate(zip(counts_rgb, counts_ir))}
+  total = sum(chunks.values())
+  # A pass uses nearly every chunk: at most P - 1 identities keep chunks at the end.
+  assert total // p - max(chunks.values()) <= s.steps_per_epoch <= total // p
+  _mpanet_pass_reading(labels, modality, s.epoch(0), p, k, chunks)
+
+
+def test_pipeline_config_picks_the_sampler():
+  from maumjax.data import pipeline
+
+  assert pipeline.PipelineConfig(sampler="mpanet").sampler == "mpanet"
+  with pytest.raises(ValueError, match="sampler='nope'"):
+    pipeline.PipelineConfig(sampler="nope")
