@@ -46,6 +46,7 @@ def data_config(*, name: str = "sysu_mm01", height: int = 288,
           "imbalance_modality": 1,
           "imbalance_unit": "images",
           "seed": 0,
+          "sampler": "agw",  # 'agw' (AGW / MAUM) or 'mpanet' (one pass of paired chunks)
       },
   })
 

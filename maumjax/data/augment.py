@@ -164,6 +164,9 @@ PRESETS: dict[str, AugmentConfig] = {
   # equals crop at 2p - dx then flip, and 2p - dx has the same law, so this order is equivalent
   # in distribution.
   "mpanet": AugmentConfig(pad_fill=127, erase_p=0.5, **ERASE_VARIANTS["torchvision"]),
+  # The same at the synthetic demo's 64x32 (a 10-pixel pad would move a third of the image).
+  "mpanet_small": AugmentConfig(pad=2, pad_fill=127, erase_p=0.5,
+                                **ERASE_VARIANTS["torchvision"]),
   # DEEN greys before cropping; greyscale is per pixel and maps the zero fill to itself, so it
   # commutes with pad/crop/flip.
   "deen": AugmentConfig(gray_p=0.5, erase_p=0.5, **ERASE_VARIANTS["deen"]),

@@ -5,8 +5,13 @@ Modules:
   proxy     the MAUM terms built on them (shared, MS-proxy, unidirectional with memory).
   triplet   AGW batch-hard triplet loss.
   identity  label-smoothed softmax cross-entropy.
+  center    MPANet's center-cluster loss (pull to identity centres, push centres apart).
+  pattern   MPANet's pattern-separation loss on the PAM maps.
+  distill   MPANet's mutual mean learning KL (student against a stop-gradient teacher).
 """
 
+from maumjax.losses.center import center_cluster_loss
+from maumjax.losses.distill import KL_DIRECTIONS, mutual_mean_kl
 from maumjax.losses.identity import softmax_cross_entropy
 from maumjax.losses.metric import (
   METRICS,
@@ -16,6 +21,7 @@ from maumjax.losses.metric import (
   norm_softmax_loss,
   proxy_metric,
 )
+from maumjax.losses.pattern import pattern_separation_loss
 from maumjax.losses.proxy import (
   memory_refs,
   ms_proxy_loss,
@@ -34,10 +40,12 @@ from maumjax.losses.triplet import (
 
 __all__ = [
   "DISTANCES",
+  "KL_DIRECTIONS",
   "METRICS",
   "batch_hard_triplet",
   "batch_hard_triplet_per_anchor",
   "batch_hard_triplet_with_stats",
+  "center_cluster_loss",
   "circle_loss",
   "cosine_distances",
   "euclidean_distances",
@@ -46,7 +54,9 @@ __all__ = [
   "l2_normalize",
   "memory_refs",
   "ms_proxy_loss",
+  "mutual_mean_kl",
   "norm_softmax_loss",
+  "pattern_separation_loss",
   "proxy_metric",
   "shared_proxy_loss",
   "softmax_cross_entropy",

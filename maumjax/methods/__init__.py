@@ -7,9 +7,9 @@ them. Add a method by writing `methods/<name>.py` and listing it here.
 
 from __future__ import annotations
 
-from maumjax.methods import api, maum
+from maumjax.methods import api, maum, mpanet
 
-METHODS = {"maum": maum}
+METHODS = {"maum": maum, "mpanet": mpanet}
 
 
 def get(name: str):

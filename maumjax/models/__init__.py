@@ -4,6 +4,7 @@ Modules:
   resnet   ResNet v1.5 run as a range of stages; ARCHS ('resnet50', 'resnet18', 'tiny').
   heads    GeM/average pooling, BN-neck, global head, PCB-style part head.
   reid     ReidNet: modality-specific early stages, shared trunk, heads; `embed` for testing.
+  mpanet   MPANet: single-stream ResNet with modality alleviation and pattern alignment.
   weights  torch-free reading of torchvision checkpoints, conversion, strict loading.
 
 `MODELS` maps a config's `model.name` to its Flax module; `model_from_config` builds one from a
@@ -18,6 +19,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from maumjax.models.heads import BNNeck, GlobalHead, PartHead, avg_pool, gem_pool
+from maumjax.models.mpanet import MPANet
 from maumjax.models.reid import MODALITY_IR, MODALITY_RGB, ReidNet, head_dims, param_groups
 from maumjax.models.resnet import ARCHS, ArchSpec, ResNet, feature_map_size, stage_output_channels
 from maumjax.models.weights import (
@@ -28,7 +30,7 @@ from maumjax.models.weights import (
   torchvision_to_flax,
 )
 
-MODELS = {"reid": ReidNet}
+MODELS = {"reid": ReidNet, "mpanet": MPANet}
 # Keys of a config's model section that configure the run, not the module.
 NON_MODULE_KEYS = ("name", "pretrained", "sync_bn")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
