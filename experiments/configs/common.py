@@ -94,3 +94,18 @@ def base_config(method: str, preset: str, *, num_epochs: int) -> ml_collections.
   config.train = train_config()
   config.eval = eval_config()
   return config
+
+
+def split_preset(preset: str, *, method: str, data: tuple[str, ...], rows: tuple[str, ...],
+                 default_row: str, extra: tuple[str, ...] = ("smoke",)) -> tuple[str, str]:
+  """`<data>[_<row>]` -> (data, row); `extra` presets (e.g. 'smoke') pass through as data.
+
+  Raises:
+    ValueError: an unknown data name or row, listing the valid ones.
+  """
+  name, _, row = preset.partition("_")
+  row = row or default_row
+  if preset not in extra and (name not in data or row not in rows):
+    raise ValueError(f"unknown {method} preset {preset!r}; use <data>[_<row>] with data in "
+                     f"{data} and row in {rows}, or one of {extra}")
+  return name, row

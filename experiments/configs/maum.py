@@ -73,11 +73,8 @@ def _model() -> dict:
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   preset = preset or "synthetic"
-  data, _, row = preset.partition("_")
-  row = row or "maum"
-  if preset != "smoke" and (data not in DATA or row not in ROWS):
-    raise ValueError(f"unknown MAUM preset {preset!r}; use <data>[_<row>] with data in {DATA} "
-                     f"and row in {tuple(ROWS)}, or 'smoke'")
+  data, row = common.split_preset(preset, method="MAUM", data=DATA, rows=tuple(ROWS),
+                                  default_row="maum")
   config = common.base_config("maum", preset, num_epochs=81)
   config.model = _model()
   config.loss = _loss()

@@ -60,11 +60,8 @@ def _model() -> dict:
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   preset = preset or "synthetic"
-  data, _, row = preset.partition("_")
-  row = row or "mpanet"
-  if preset != "smoke" and (data not in DATA or row not in ROWS):
-    raise ValueError(f"unknown MPANet preset {preset!r}; use <data>[_<row>] with data in {DATA} "
-                     f"and row in {tuple(ROWS)}, or 'smoke'")
+  data, row = common.split_preset(preset, method="MPANet", data=DATA, rows=tuple(ROWS),
+                                  default_row="mpanet")
   config = common.base_config("mpanet", preset, num_epochs=140)
   config.model = _model()
   config.loss = _loss()

@@ -209,3 +209,15 @@ def check_method(module: ModuleType | Any, name: str = "") -> Any:
     raise TypeError(f"method {name or module!r} lacks {missing}; a method module defines "
                     f"{REQUIRED} (and optionally {OPTIONAL}), see maumjax/methods/api.py")
   return module
+
+
+def model_embed(model, embed_method) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
+  """A method's `embed`: jitted `(variables, images [B,H,W,3], modality [B]) -> [B, D]` that
+  runs `model.apply(variables, images, modality, method=embed_method)`."""
+  return jax.jit(lambda variables, images, modality: model.apply(
+      variables, images, modality, method=embed_method))
+
+
+def model_variables(state: state_lib.TrainState) -> dict[str, Any]:
+  """A method's `variables_of` when its model's parameters sit at `state.params['model']`."""
+  return {"params": state.params["model"], "batch_stats": state.batch_stats}

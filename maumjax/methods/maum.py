@@ -361,15 +361,9 @@ def step_parts(setup: api.Setup, phase_: int, ctx: api.StepContext) -> api.StepP
 
 def embed(setup: api.Setup):
   """Jitted `(variables, images [B,H,W,3] float32, modality [B]) -> features [B, D]`."""
-  model = setup.model
-
-  @jax.jit
-  def fn(variables, images, modality):
-    return model.apply(variables, images, modality, method=reid_lib.ReidNet.embed)
-
-  return fn
+  return api.model_embed(setup.model, reid_lib.ReidNet.embed)
 
 
 def variables_of(state: state_lib.TrainState) -> dict[str, Any]:
   """The model's inference variables from a train state."""
-  return {"params": state.params["model"], "batch_stats": state.batch_stats}
+  return api.model_variables(state)

@@ -224,15 +224,9 @@ def step_parts(setup: api.Setup, phase_: int, ctx: api.StepContext) -> api.StepP
 
 def embed(setup: api.Setup):
   """Jitted `(variables, images [B,H,W,3] float32, modality [B]) -> BN-neck features [B, D]`."""
-  model = setup.model
-
-  @jax.jit
-  def fn(variables, images, modality):
-    return model.apply(variables, images, modality, method=mpanet_model.MPANet.embed)
-
-  return fn
+  return api.model_embed(setup.model, mpanet_model.MPANet.embed)
 
 
 def variables_of(state: state_lib.TrainState) -> dict[str, Any]:
-  """The model's inference variables."""
-  return {"params": state.params["model"], "batch_stats": state.batch_stats}
+  """The model's inference variables from a train state."""
+  return api.model_variables(state)
