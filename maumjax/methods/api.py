@@ -221,3 +221,18 @@ def model_embed(model, embed_method) -> Callable[[Any, jax.Array, jax.Array], ja
 def model_variables(state: state_lib.TrainState) -> dict[str, Any]:
   """A method's `variables_of` when its model's parameters sit at `state.params['model']`."""
   return {"params": state.params["model"], "batch_stats": state.batch_stats}
+
+
+def init_model(model, key: jax.Array, inputs: tuple, pretrained: str = "") -> tuple[Any, Any]:
+  """A method's model variables: jitted `model.init(key, *inputs, train=False)`, then the
+  ImageNet backbone from `pretrained` when given (`weights.load_backbone`).
+
+  Returns:
+    (variables, LoadReport or None).
+  """
+  variables = jax.jit(lambda k: model.init(k, *inputs, train=False))(key)
+  if not pretrained:
+    return variables, None
+  from maumjax.models import weights
+
+  return weights.load_backbone(variables, pretrained, model=model)

@@ -164,13 +164,8 @@ def init(config: dict[str, Any], data: api.DataInfo, *, seed: int = 0) -> api.Se
   model = models_lib.model_from_config(config["model"])
   key_model, key_proxy = jax.random.split(jax.random.PRNGKey(seed))
   dummy = jnp.zeros((2, *data.image_shape, 3), jnp.float32)
-  variables = jax.jit(lambda k: model.init(k, dummy, dummy, train=False))(key_model)
-  report = None
-  if config["model"].get("pretrained"):
-    from maumjax.models import weights
-
-    variables, report = weights.load_backbone(variables, config["model"]["pretrained"],
-                                              model=model)
+  variables, report = api.init_model(model, key_model, (dummy, dummy),
+                                     config["model"].get("pretrained", ""))
   dims = reid_lib.head_dims(model, variables, data.image_shape)
   proxies = {}
   for g, (heads, width) in dims.items():

@@ -114,12 +114,8 @@ def init(config: dict[str, Any], data: api.DataInfo, *, seed: int = 0) -> api.Se
   model_cfg["name"] = "mpanet"
   model = models_lib.model_from_config(model_cfg, num_classes=data.num_classes)
   dummy = jnp.zeros((2, *data.image_shape, 3), jnp.float32)
-  variables = jax.jit(lambda k: model.init(k, dummy, train=False))(jax.random.PRNGKey(seed))
-  report = None
-  if model_cfg.get("pretrained"):
-    from maumjax.models import weights
-
-    variables, report = weights.load_backbone(variables, model_cfg["pretrained"], model=model)
+  variables, report = api.init_model(model, jax.random.PRNGKey(seed), (dummy,),
+                                     model_cfg.get("pretrained", ""))
   params = {"model": variables["params"]}
   # The teachers start equal to the students (mpanet.md §3.4) and are never trained.
   means = ({"visible": _kernel(params, "visible"), "infrared": _kernel(params, "infrared")}

@@ -145,11 +145,8 @@ def _read_config(workdir: Path) -> dict[str, Any]:
 
 def _checkpoint_step(workdir: Path, step: int | None) -> int:
   """The checkpoint step to restore (`step`, or the latest); raises a one-line `UserError`."""
-  # Checked before opening the Checkpointer, which would create the folder.
-  steps = []
-  if (workdir / "checkpoints").is_dir():
-    with checkpoint_lib.Checkpointer(workdir) as ckpt:
-      steps = sorted(ckpt.all_steps())
+  # Listed without opening a Checkpointer, which would create the folder.
+  steps = checkpoint_lib.saved_steps(workdir)
   if not steps:
     raise RunNotFoundError(f"{workdir} has no checkpoint (no step under "
                            f"{workdir / 'checkpoints'}): train the run first, or pass the run "

@@ -230,8 +230,7 @@ def _train_and_evaluate(method, config: dict[str, Any], workdir: Path, max_steps
             "timed_images": before["timed_images"] + timer.images}
 
   def save(force: bool = False):
-    host_state = placement.get_state(dstate)
-    if not bool(_all_finite(host_state)):
+    if not bool(_all_finite(dstate)):  # on the devices, before copying the state out
       raise NonFiniteLossError(
           f"the train state after step {step} holds NaN/inf values (a step whose loss and "
           f"gradients were finite overflowed the parameters or statistics); it was not "
@@ -241,7 +240,7 @@ def _train_and_evaluate(method, config: dict[str, Any], workdir: Path, max_steps
             **{k: round(v, 3) for k, v in run_times().items()}}
     if labels is not None:
       meta["labels"] = [int(x) for x in labels]
-    ckpt.save(step, host_state, meta, force=force)
+    ckpt.save(step, placement.get_state(dstate), meta, force=force)
 
   def check_finite(s: int, m) -> None:
     if not placement.get_metrics({"finite": m["finite"]})["finite"]:
