@@ -246,7 +246,7 @@ def _train_and_evaluate(method, config: dict[str, Any], workdir: Path, max_steps
     if not placement.get_metrics({"finite": m["finite"]})["finite"]:
       values = {k: v for k, v in placement.get_metrics(m).items() if k != "finite"}
       shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items()
-                        if k in ("loss", "grad_norm", "update_norm"))
+                        if k in ("loss", "grad_norm"))
       raise NonFiniteLossError(
           f"non-finite step {s} (epoch {(s - 1) // steps_per_epoch}: {shown}); it was not "
           f"applied and nothing after it was saved. {_restart_advice(ckpt, config)}")
