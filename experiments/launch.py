@@ -66,8 +66,10 @@ def _check(method: str, config, workdir: str, config_change: Sequence[str]) -> N
     raise UserError("a multi-process run (config.distributed=True) needs --workdir, the same "
                     "folder for every process")
   from maumjax import methods
+  from maumjax.train import evaluation
 
   methods.get(method)
+  evaluation.check_config(config.eval)
   pretrained = config.get("model", {}).get("pretrained")
   if pretrained:
     # A missing or broken weights file is reported now rather than after the data is prepared
@@ -91,8 +93,8 @@ def run(method: str, config, workdir: str, *, config_change: Sequence[str] = ())
       `maumjax.train.loop.RESUME_SECTIONS`); recorded in the run's config history.
 
   Raises:
-    UserError: the config is for another method, `config_change` names an unknown section, the
-      workdir (or a folder above it) is a file, a multi-process run has no workdir, or
+    UserError: the config is for another method, `config_change` names an unknown section, an
+      `eval` field an unknown choice, the workdir (or a folder above it) is a file, a multi-process run has no workdir, or
       `model.pretrained` is not a readable weights file (`WeightsError`): all before any data
       is prepared. Later, the library's own (a workdir holding another run, ...).
   """

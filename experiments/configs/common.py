@@ -69,9 +69,17 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def eval_config(**overrides) -> ml_collections.ConfigDict:
-  """Evaluation (`maumjax.train.evaluation`): trials, SYSU settings, gallery sampler, TTA."""
+  """Evaluation (`maumjax.train.evaluation`): trials, SYSU settings, gallery sampler, TTA.
+
+  sampling: SYSU-MM01 gallery sampler, 'agw' (AGW's python-random draw) or 'official'
+    (rand_perm_cam.mat). distance: 'cosine' (L2-normalised features, AGW; ranks as MPANet's
+    squared Euclidean of normalised features) or 'euclidean' (squared Euclidean of unnormalised
+    features, MPANet's RegDB). regdb_cmc: 'plain' (AGW) or 'dedup' (identity-deduplicated,
+    MPANet's code). Checked before training (`evaluation.check_config`).
+  """
   fields = dict(trials=10, quick_trials=1, modes=("all", "indoor"), shots=(1, 10),
-                sampling="agw", batch_size=64, flip=False, num_ranked=8)
+                sampling="agw", distance="cosine", regdb_cmc="plain", batch_size=64,
+                flip=False, num_ranked=8)
   fields.update(overrides)
   return ml_collections.ConfigDict(fields)
 

@@ -80,6 +80,9 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.data.pipeline.update(num_identities=12, num_instances=5, sampler="mpanet",
                                 augment_rgb="mpanet", augment_ir="mpanet")
     config.optim.decay_epochs = (110,)
+    # The code ranks RegDB by squared Euclidean distance of unnormalised BN-neck features and
+    # uses its SYSU (identity-deduplicated) CMC there too (mpanet.md §6).
+    config.eval.update(distance="euclidean", regdb_cmc="dedup")
   if preset == "smoke":
     _smoke(config)
   else:

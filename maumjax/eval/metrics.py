@@ -427,18 +427,53 @@ def regdb_metrics(distmat, query_ids, gallery_ids, *, max_rank: int = 20,
                       dedup=dedup, max_rank=max_rank)
 
 
+DISTANCES = ("cosine", "euclidean")
+
+
 @jax.jit
 def cosine_distance_rows(gallery_feats: jax.Array, query_feats: jax.Array) -> jax.Array:
-  """[G, Q] distance -cos(g, q) of L2-normalised features (AGW ranks by -(q . g))."""
+  """[G, Q] distance -cos(g, q) of L2-normalised features (AGW ranks by -(q . g)).
+
+  Ranks exactly as the squared Euclidean distance of L2-normalised features (2 - 2 cos), the
+  ranking of MPANet's SYSU-MM01 evaluation.
+  """
   g = gallery_feats / jnp.linalg.norm(gallery_feats, axis=1, keepdims=True)
   q = query_feats / jnp.linalg.norm(query_feats, axis=1, keepdims=True)
   return -(g @ q.T)
 
 
+@jax.jit
+def euclidean_distance_rows(gallery_feats: jax.Array, query_feats: jax.Array) -> jax.Array:
+  """[G, Q] squared Euclidean distance |g - q|^2 of the features as they are (not normalised).
+
+  MPANet's RegDB evaluation (mpanet.md §6): |g|^2 + |q|^2 - 2 g.q, in float32 with full-precision
+  products (no TF32 or bf16 passes on accelerators), so the norms' large terms cancel exactly
+  enough to rank by.
+  """
+  g = gallery_feats.astype(jnp.float32)
+  q = query_feats.astype(jnp.float32)
+  dot = jnp.matmul(g, q.T, precision=jax.lax.Precision.HIGHEST)
+  return jnp.sum(g * g, axis=1)[:, None] + jnp.sum(q * q, axis=1)[None, :] - 2.0 * dot
+
+
+def distance_rows(gallery_feats, query_feats, distance: str = "cosine") -> jax.Array:
+  """[G, Q] ranking distances: 'cosine' (L2-normalised features, every reference's SYSU
+  ranking) or 'euclidean' (squared Euclidean of unnormalised features, MPANet's RegDB).
+
+  Raises:
+    ValueError: `distance` is not one of `DISTANCES`.
+  """
+  if distance not in DISTANCES:
+    raise ValueError(f"distance {distance!r} is not one of {DISTANCES}: 'cosine' ranks "
+                     "L2-normalised features, 'euclidean' unnormalised ones")
+  fn = cosine_distance_rows if distance == "cosine" else euclidean_distance_rows
+  return fn(jnp.asarray(gallery_feats), jnp.asarray(query_feats))
+
+
 def evaluate_sysu(query_feats, query_ids, query_cams, gallery_feats, gallery_ids, gallery_cams,
-                  *, max_rank: int = 20) -> Metrics:
-  """`sysu_metrics` from features, with cosine distance on L2-normalised features."""
-  dist_rows = cosine_distance_rows(jnp.asarray(gallery_feats), jnp.asarray(query_feats))
+                  *, max_rank: int = 20, distance: str = "cosine") -> Metrics:
+  """`sysu_metrics` from features, ranked by `distance_rows(..., distance)` (default cosine)."""
+  dist_rows = distance_rows(gallery_feats, query_feats, distance)
   q_cams, g_cams = np.asarray(query_cams), np.asarray(gallery_cams)
   return rank_metrics(dist_rows, np.arange(dist_rows.shape[0]), query_ids, gallery_ids,
                       query_excluded=q_cams == SYSU_EXCLUDED[0],
@@ -447,8 +482,12 @@ def evaluate_sysu(query_feats, query_ids, query_cams, gallery_feats, gallery_ids
 
 
 def evaluate_regdb(query_feats, query_ids, gallery_feats, gallery_ids, *,
-                   max_rank: int = 20) -> Metrics:
-  """`regdb_metrics` from features, with cosine distance on L2-normalised features."""
-  dist_rows = cosine_distance_rows(jnp.asarray(gallery_feats), jnp.asarray(query_feats))
+                   max_rank: int = 20, distance: str = "cosine", dedup: bool = False) -> Metrics:
+  """`regdb_metrics` from features, ranked by `distance_rows(..., distance)` (default cosine).
+
+  `dedup`: the identity-deduplicated CMC (MPANet's released code evaluates RegDB with its SYSU
+  CMC); False is AGW's plain CMC. mAP and mINP do not depend on it.
+  """
+  dist_rows = distance_rows(gallery_feats, query_feats, distance)
   return rank_metrics(dist_rows, np.arange(dist_rows.shape[0]), query_ids, gallery_ids,
-                      dedup=False, max_rank=max_rank)
+                      dedup=dedup, max_rank=max_rank)

@@ -340,13 +340,15 @@ def _draw_legend(draw: ImageDraw.ImageDraw, font: ImageFont.ImageFont | ImageFon
 def ranked_list_labels(query_feats: np.ndarray, query_ids: Sequence[int] | np.ndarray,
                        query_cams: Sequence[int] | np.ndarray, gallery_feats: np.ndarray,
                        gallery_ids: Sequence[int] | np.ndarray,
-                       gallery_cams: Sequence[int] | np.ndarray, order: np.ndarray
-                       ) -> tuple[list[str], list[list[str]]]:
+                       gallery_cams: Sequence[int] | np.ndarray, order: np.ndarray, *,
+                       distance: str = "cosine") -> tuple[list[str], list[list[str]]]:
   """The texts under the tiles of `ranked_list_sheet`, from the features that were ranked.
 
   A query's label is 'id 12 cam3'; a gallery image's is 'id 12 cam1\\nd=0.284', with d its
   cosine distance to the query, 1 - cos(q, g) in [0, 2] (0: same direction). Ranking by it is
-  ranking by -cos (what the metrics use, `maumjax.eval.metrics.cosine_distance_rows`).
+  ranking by -cos (what the metrics use, `maumjax.eval.metrics.cosine_distance_rows`). With
+  `distance='euclidean'`, d is the squared Euclidean distance |q - g|^2 of the unnormalised
+  features (`maumjax.eval.metrics.euclidean_distance_rows`).
 
   Args:
     query_feats: [n, D] features of the queries on the sheet, one per row.
@@ -354,6 +356,7 @@ def ranked_list_labels(query_feats: np.ndarray, query_ids: Sequence[int] | np.nd
     gallery_feats: [G, D] gallery features.
     gallery_ids, gallery_cams: [G] gallery identities and cameras.
     order: int [n, k] gallery indices by rank (`ranked_list_from_distances`).
+    distance: 'cosine' or 'euclidean', the distance that ranked them.
 
   Returns:
     (query labels [n], gallery labels [n][k]).
@@ -375,11 +378,16 @@ def ranked_list_labels(query_feats: np.ndarray, query_ids: Sequence[int] | np.nd
                      "[n], [G, D], [G], [G] and [n, k]")
   if order.size and (order.min() < 0 or order.max() >= len(g)):
     raise ValueError(f"order holds gallery indices outside [0, {len(g)})")
-  q = q / np.linalg.norm(q, axis=1, keepdims=True)
-  g = g / np.linalg.norm(g, axis=1, keepdims=True)
-  cos = np.einsum("nd,nkd->nk", q, g[order])
-  # float rounding can put 1 - cos a hair outside [0, 2]; print the true range's end instead.
-  dist = np.clip(1.0 - cos, 0.0, 2.0)
+  if distance == "euclidean":
+    dist = np.sum((q[:, None, :] - g[order]) ** 2, axis=-1)
+  elif distance == "cosine":
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    g = g / np.linalg.norm(g, axis=1, keepdims=True)
+    cos = np.einsum("nd,nkd->nk", q, g[order])
+    # float rounding can put 1 - cos a hair outside [0, 2]; print the true range's end instead.
+    dist = np.clip(1.0 - cos, 0.0, 2.0)
+  else:
+    raise ValueError(f"distance {distance!r} is neither 'cosine' nor 'euclidean'")
   query_labels = [f"id {i} cam{c}" for i, c in zip(q_ids.tolist(), q_cams.tolist())]
   gallery_labels = [[f"id {g_ids[j]} cam{g_cams[j]}\nd={d:.3f}" for j, d in zip(row, dists)]
                     for row, dists in zip(order.tolist(), dist.tolist())]

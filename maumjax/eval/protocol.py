@@ -20,7 +20,6 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
 from maumjax.eval import metrics as metrics_lib
@@ -72,7 +71,8 @@ class SettingResult:
 
 def sysu_protocol_from_features(query_feats, query_ids, query_cams, pool_feats, pool_ids,
                                 pool_cams, galleries: Mapping[str, Sequence[np.ndarray]], *,
-                                max_rank: int = 20) -> dict[str, list[metrics_lib.Metrics]]:
+                                max_rank: int = 20, distance: str = "cosine"
+                                ) -> dict[str, list[metrics_lib.Metrics]]:
   """Runs SYSU settings whose trial galleries are index lists into a gallery pool.
 
   Args:
@@ -83,11 +83,13 @@ def sysu_protocol_from_features(query_feats, query_ids, query_cams, pool_feats, 
     galleries: setting name -> one int array per trial: the pool indices of that trial's
       gallery, in gallery order (which decides ties).
     max_rank: CMC length.
+    distance: 'cosine' (L2-normalised features) or 'euclidean' (squared, unnormalised);
+      `maumjax.eval.metrics.distance_rows`.
 
   Returns:
     setting -> per-trial Metrics (cam-3 queries ignore cam-2 images; deduplicated CMC).
   """
-  dist_rows = metrics_lib.cosine_distance_rows(jnp.asarray(pool_feats), jnp.asarray(query_feats))
+  dist_rows = metrics_lib.distance_rows(pool_feats, query_feats, distance)
   pool_ids, pool_cams = np.asarray(pool_ids), np.asarray(pool_cams)
   q_excl = np.asarray(query_cams) == metrics_lib.SYSU_EXCLUDED[0]
   out = {}
@@ -102,13 +104,18 @@ def sysu_protocol_from_features(query_feats, query_ids, query_cams, pool_feats, 
 
 
 def regdb_protocol_from_features(visible_feats, visible_ids, thermal_feats, thermal_ids, *,
-                                 max_rank: int = 20) -> dict[str, metrics_lib.Metrics]:
-  """Both RegDB directions of one trial (plain CMC, no camera rule)."""
+                                 max_rank: int = 20, distance: str = "cosine",
+                                 dedup: bool = False) -> dict[str, metrics_lib.Metrics]:
+  """Both RegDB directions of one trial (no camera rule; plain CMC unless `dedup`).
+
+  `distance` and `dedup` as `maumjax.eval.metrics.evaluate_regdb`.
+  """
+  kw = dict(max_rank=max_rank, distance=distance, dedup=dedup)
   return {
       "visible->thermal": metrics_lib.evaluate_regdb(visible_feats, visible_ids, thermal_feats,
-                                                     thermal_ids, max_rank=max_rank),
+                                                     thermal_ids, **kw),
       "thermal->visible": metrics_lib.evaluate_regdb(thermal_feats, thermal_ids, visible_feats,
-                                                     visible_ids, max_rank=max_rank),
+                                                     visible_ids, **kw),
   }
 
 

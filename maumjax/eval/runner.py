@@ -105,22 +105,34 @@ def extract_split(extract: Extractor, source, *, batch_size: int = 64,
                tuple(paths), source)
 
 
-def sheet_title(dataset: str, setting: str, trial: int | None, detail: str = "") -> str:
+DISTANCE_TEXT = {
+    "cosine": "cosine distance d = 1 - cos",
+    "euclidean": "squared Euclidean distance d = |q - g|^2 (unnormalised features)",
+}
+
+
+def _check_distance(distance: str) -> None:
+  if distance not in metrics_lib.DISTANCES:
+    raise ValueError(f"distance {distance!r} is not one of {metrics_lib.DISTANCES}")
+
+
+def sheet_title(dataset: str, setting: str, trial: int | None, detail: str = "", *,
+                distance: str = "cosine") -> str:
   """The ranked-list sheet's title: which ranking it shows and what its numbers are.
 
   E.g. 'SYSU-MM01 all-search single-shot, trial 0 (agw gallery sampler): ranked by cosine
-  distance d = 1 - cos'.
+  distance d = 1 - cos'; `distance` ('cosine' or 'euclidean') names the ranking distance.
   """
   mode, _, shot = setting.partition("/")
   words = f"{mode}-search {shot}-shot" if shot in ("single", "multi") else setting
   trial_text = "" if trial is None else f", trial {trial}"
   detail = f" ({detail})" if detail else ""
-  return f"{dataset} {words}{trial_text}{detail}: ranked by cosine distance d = 1 - cos"
+  return f"{dataset} {words}{trial_text}{detail}: ranked by {DISTANCE_TEXT[distance]}"
 
 
 def _write_outputs(out_dir, name: str, results, record, query: Split, pool: Split,
                    rows: np.ndarray, exclude_rule: bool, num_ranked: int,
-                   title: str) -> tuple[Path, ...]:
+                   title: str, distance: str) -> tuple[Path, ...]:
   """JSON record, CMC curves and a ranked-list sheet (titled `title`) of one trial's gallery."""
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
@@ -129,9 +141,9 @@ def _write_outputs(out_dir, name: str, results, record, query: Split, pool: Spli
   curves = {r.setting: np.stack([m.cmc for m in r.trials]) for r in results}
   files.append(plots.plot_cmc(curves, out / f"cmc_{name}.png", title=f"{name} CMC"))
   if num_ranked:
-    # The distances the metrics ranked by (-cos), as [query, gallery]; the labels print the
-    # cosine distance 1 - cos, which ranks the same.
-    dist = np.asarray(metrics_lib.cosine_distance_rows(pool.feats[rows], query.feats)).T
+    # The distances the metrics ranked by, as [query, gallery] (for cosine: -cos; the labels
+    # print the cosine distance 1 - cos, which ranks the same).
+    dist = np.asarray(metrics_lib.distance_rows(pool.feats[rows], query.feats, distance)).T
     g_ids, g_cams = pool.ids[rows], pool.cams[rows]
     exclude = ((query.cams[:, None] == metrics_lib.SYSU_EXCLUDED[0])
                & (g_cams[None, :] == metrics_lib.SYSU_EXCLUDED[1])) if exclude_rule else None
@@ -147,7 +159,7 @@ def _write_outputs(out_dir, name: str, results, record, query: Split, pool: Spli
     g_imgs = [[load(pool, rows[j]) for j in row] for row in order]
     q_labels, g_labels = plots.ranked_list_labels(
         query.feats[chosen], query.ids[chosen], query.cams[chosen], pool.feats[rows], g_ids,
-        g_cams, order)
+        g_cams, order, distance=distance)
     files.append(plots.ranked_list_sheet(q_imgs, g_imgs, correct, out / f"ranked_{name}.png",
                                          query_labels=q_labels, gallery_labels=g_labels,
                                          title=title))
@@ -160,7 +172,7 @@ def run_sysu(extract: Extractor, builder, *, root: str | os.PathLike,
              trials: Sequence[int] = gallery_lib.TRIALS, sampling: str = "agw",
              perm_file: str | os.PathLike | None = None, batch_size: int = 64,
              flip: bool = False, out_dir: str | os.PathLike | None = None,
-             num_ranked: int = 8) -> Report:
+             num_ranked: int = 8, distance: str = "cosine") -> Report:
   """The SYSU-MM01 protocol for a prepared `sysu_mm01` builder.
 
   Args:
@@ -177,11 +189,14 @@ def run_sysu(extract: Extractor, builder, *, root: str | os.PathLike,
       `"units": "fraction"`), cmc_sysu_mm01.png and ranked_sysu_mm01.png (the first setting's
       first trial).
     num_ranked: queries on the ranked-list sheet (0: none).
+    distance: 'cosine' (L2-normalised features; every reference's SYSU ranking, MPANet's
+      included) or 'euclidean' (squared, unnormalised); recorded.
 
   Raises:
     ValueError: a drawn gallery image is missing from the prepared gallery split (the
-      builder was made from a different copy of the dataset).
+      builder was made from a different copy of the dataset), or `distance` is unknown.
   """
+  _check_distance(distance)
   query = extract_split(extract, pipeline_lib.PreparedSource(builder.data_dir, "query"),
                         batch_size=batch_size, flip=flip)
   pool = extract_split(extract, pipeline_lib.PreparedSource(builder.data_dir, "gallery"),
@@ -202,47 +217,57 @@ def run_sysu(extract: Extractor, builder, *, root: str | os.PathLike,
         per_trial.append(np.array([index[p] for p in paths], np.int64))
       galleries[protocol.setting_name(mode, shot)] = per_trial
   raw = protocol.sysu_protocol_from_features(query.feats, query.ids, query.cams, pool.feats,
-                                             pool.ids, pool.cams, galleries)
+                                             pool.ids, pool.cams, galleries, distance=distance)
   results = tuple(protocol.SettingResult(k, tuple(v)) for k, v in raw.items())
   record = protocol.results_to_json(
       results, dataset="sysu_mm01", direction="infrared->visible", sampler=sampling,
       trials=list(trials), queries=len(query.ids), gallery_pool=len(pool.ids),
-      flip_tta=flip, reranking=False, cmc="identity-deduplicated",
+      flip_tta=flip, reranking=False, cmc="identity-deduplicated", distance=distance,
       feature_dim=int(query.feats.shape[1]))
   table = protocol.format_table(results, title=f"SYSU-MM01 ({sampling} gallery sampler, "
                                 f"{len(trials)} trials, flip TTA {'on' if flip else 'off'})")
   files = ()
   if out_dir is not None:
     setting, per_trial = next(iter(galleries.items()))
-    title = sheet_title("SYSU-MM01", setting, trials[0], f"{sampling} gallery sampler")
+    title = sheet_title("SYSU-MM01", setting, trials[0], f"{sampling} gallery sampler",
+                        distance=distance)
     files = _write_outputs(out_dir, "sysu_mm01", results, record, query, pool, per_trial[0],
-                           True, num_ranked, title)
+                           True, num_ranked, title, distance)
   return Report(results, table, record, files)
 
 
 def run_regdb(extract: Extractor, builder, *, batch_size: int = 64, flip: bool = False,
-              out_dir: str | os.PathLike | None = None, num_ranked: int = 8) -> Report:
+              out_dir: str | os.PathLike | None = None, num_ranked: int = 8,
+              distance: str = "cosine", cmc: str = "plain") -> Report:
   """Both RegDB directions for a prepared `regdb/trial_t` builder (one model, one trial).
 
   With `out_dir`, writes eval_regdb.json (metrics as fractions, `"units": "fraction"`),
   cmc_regdb.png and ranked_regdb.png (visible queries against the thermal gallery).
+  `distance`: 'cosine' (L2-normalised features, AGW) or 'euclidean' (squared Euclidean of
+  unnormalised features, MPANet's code). `cmc`: 'plain' (AGW) or 'dedup' (identity-deduplicated,
+  MPANet's code). Both are recorded.
   """
+  _check_distance(distance)
+  if cmc not in ("plain", "dedup"):
+    raise ValueError(f"cmc {cmc!r} is neither 'plain' nor 'dedup'")
   visible = extract_split(extract, pipeline_lib.PreparedSource(builder.data_dir, "test_visible"),
                           batch_size=batch_size, flip=flip)
   thermal = extract_split(extract, pipeline_lib.PreparedSource(builder.data_dir, "test_thermal"),
                           batch_size=batch_size, flip=flip)
   raw = protocol.regdb_protocol_from_features(visible.feats, visible.ids, thermal.feats,
-                                              thermal.ids)
+                                              thermal.ids, distance=distance,
+                                              dedup=cmc == "dedup")
   results = tuple(protocol.SettingResult(k, (v,)) for k, v in raw.items())
   trial = getattr(builder.builder_config, "trial", None)
   record = protocol.results_to_json(
       results, dataset="regdb", trial=trial, queries_visible=len(visible.ids),
-      queries_thermal=len(thermal.ids), flip_tta=flip, reranking=False, cmc="plain")
+      queries_thermal=len(thermal.ids), flip_tta=flip, reranking=False,
+      cmc="identity-deduplicated" if cmc == "dedup" else "plain", distance=distance)
   table = protocol.format_table(results, title=f"RegDB trial {trial} (flip TTA "
                                 f"{'on' if flip else 'off'})")
   files = ()
   if out_dir is not None:
-    title = sheet_title("RegDB", "visible->thermal", trial)
+    title = sheet_title("RegDB", "visible->thermal", trial, distance=distance)
     files = _write_outputs(out_dir, "regdb", results, record, visible, thermal,
-                           np.arange(len(thermal.ids)), False, num_ranked, title)
+                           np.arange(len(thermal.ids)), False, num_ranked, title, distance)
   return Report(results, table, record, files)

@@ -22,6 +22,8 @@ import jax
 
 from maumjax import errors
 from maumjax import methods
+from maumjax.eval import gallery
+from maumjax.eval import metrics
 from maumjax.eval import protocol
 from maumjax.eval import runner
 from maumjax.train import checkpoint as checkpoint_lib
@@ -55,9 +57,41 @@ def evaluate(method, setup, state, prepared, config: dict[str, Any], *, full: bo
                            shots=shots, trials=tuple(range(ev["trials"] if full
                                                            else ev["quick_trials"])),
                            sampling=ev["sampling"], batch_size=ev["batch_size"], flip=ev["flip"],
-                           out_dir=out_dir, num_ranked=ev["num_ranked"] if out_dir else 0)
+                           out_dir=out_dir, num_ranked=ev["num_ranked"] if out_dir else 0,
+                           distance=ev.get("distance", "cosine"))
   return runner.run_regdb(extract, prepared.builder, batch_size=ev["batch_size"], flip=ev["flip"],
-                          out_dir=out_dir, num_ranked=ev["num_ranked"] if out_dir else 0)
+                          out_dir=out_dir, num_ranked=ev["num_ranked"] if out_dir else 0,
+                          distance=ev.get("distance", "cosine"),
+                          cmc=ev.get("regdb_cmc", "plain"))
+
+
+class EvalConfigError(errors.UserError, ValueError):
+  """A field of the config's `eval` section has a value the protocol does not know."""
+
+
+EVAL_CHOICES = {
+    "sampling": gallery.SAMPLINGS,  # SYSU-MM01 gallery sampler
+    "distance": metrics.DISTANCES,  # ranking distance (both datasets)
+    "regdb_cmc": ("plain", "dedup"),  # RegDB CMC convention
+}
+
+
+def check_config(ev: dict[str, Any]) -> None:
+  """Checks the `eval` section's choices before any training, so a typo does not surface only
+  when the run is over.
+
+  Raises:
+    EvalConfigError: a field of `EVAL_CHOICES` holds another value (the message names the field,
+      the value and the choices).
+  """
+  for key, choices in EVAL_CHOICES.items():
+    if key in ev and ev[key] not in choices:
+      raise EvalConfigError(f"config.eval.{key}={ev[key]!r} is not one of {list(choices)}")
+  for key, allowed in (("modes", protocol.SYSU_MODES), ("shots", protocol.SYSU_SHOTS)):
+    bad = [v for v in ev.get(key, ()) if v not in allowed]
+    if bad:
+      raise EvalConfigError(f"config.eval.{key} holds {bad}; the SYSU-MM01 protocol has "
+                            f"{list(allowed)}")
 
 
 class RunNotFoundError(errors.UserError, FileNotFoundError):

@@ -158,10 +158,12 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, max_steps: int | N
     workdir.WorkdirError: the workdir is a file, or holds a run with a different config.
     workdir.WorkdirLockedError: another process is running in the workdir.
     checkpoint.CheckpointSaveError: a checkpoint could not be written.
+    evaluation.EvalConfigError: an `eval` field names an unknown choice.
     ValueError: an unknown method.
   """
   config = _as_dict(config)
   method = methods.get(config["method"])
+  evaluation.check_config(config["eval"])
   workdir = workdir_lib.ensure_workdir(workdir)
   if config.get("distributed"):
     initialize_distributed(config)

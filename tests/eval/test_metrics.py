@@ -161,6 +161,27 @@ def test_evaluate_from_features_uses_cosine_distance():
          atol=1e-5)
 
 
+def test_euclidean_distance_ranks_unnormalised_features():
+  rng = np.random.default_rng(12)
+  qf = rng.standard_normal((15, 8)) * rng.uniform(0.5, 3, (15, 1))
+  gf = rng.standard_normal((40, 8)) * rng.uniform(0.5, 3, (40, 1))
+  q_ids, g_ids = rng.integers(0, 6, 15), rng.integers(0, 6, 40)
+  sq = ((qf[:, None, :] - gf[None, :, :]) ** 2).sum(-1)  # [Q, G], a loop-free brute force
+  np.testing.assert_allclose(np.asarray(metrics.euclidean_distance_rows(gf, qf)), sq.T,
+                             rtol=1e-5, atol=1e-4)
+  for dedup in (False, True):
+    _check(metrics.evaluate_regdb(qf, q_ids, gf, g_ids, distance="euclidean", dedup=dedup),
+           _brute(sq, q_ids, g_ids, dedup=dedup), atol=1e-5)
+  # Hand-worked: the query [1, 0]; the positive [3, 0] points its way but lies far, the
+  # negative [0.5, 0.5] is close but 45 degrees off. Cosine ranks the positive first,
+  # Euclidean the negative.
+  q, g = np.array([[1.0, 0.0]]), np.array([[3.0, 0.0], [0.5, 0.5]])
+  assert metrics.evaluate_regdb(q, [1], g, [1, 2]).r1 == 1.0
+  assert metrics.evaluate_regdb(q, [1], g, [1, 2], distance="euclidean").r1 == 0.0
+  with pytest.raises(ValueError, match="distance 'l2'"):
+    metrics.distance_rows(g, q, "l2")
+
+
 def test_metrics_record_and_errors():
   r = metrics.regdb_metrics(np.array([[0.1, 0.2, 0.3]]), [1], np.array([2, 1, 1]))
   out = r.as_dict()

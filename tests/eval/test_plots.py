@@ -233,6 +233,12 @@ def test_ranked_list_labels_print_one_minus_cosine():
                          "id 8 cam2\nd=1.000", "id 9 cam4\nd=2.000"]
   assert g_labels[1] == ["id 8 cam2\nd=0.000", "id 8 cam1\nd=0.293", "id 7 cam5\nd=0.200",
                          "id 7 cam1\nd=1.000", "id 9 cam4\nd=1.000"]
+  # Squared Euclidean of the features as they are: |[2,0]-[3,0]|^2 = 1,
+  # |[2,0]-[0.6,0.8]|^2 = 1.96 + 0.64, |[2,0]-[1,1]|^2 = 2, |[2,0]-[0,1]|^2 = 5, to [-1,0]: 9.
+  _, g_euclid = plots.ranked_list_labels(q, [7, 8], [3, 6], g, [7, 8, 9, 7, 8],
+                                         [1, 2, 4, 5, 1], order, distance="euclidean")
+  assert [label.split("d=")[1] for label in g_euclid[0]] == ["1.000", "2.600", "2.000",
+                                                              "5.000", "9.000"]
   # Random features: every printed d is 1 - cos to three decimals, never negative.
   rng = np.random.default_rng(0)
   q, g = rng.standard_normal((4, 16)), rng.standard_normal((30, 16)) * 5

@@ -156,23 +156,37 @@ def test_run_regdb_both_directions(tmp_path, monkeypatch):
   builder = build.build("regdb", manual_dir=manual, data_dir=tmp_path / "tfds",
                         config=build.make_config("regdb", "trial_2", height=H, width=W))
   report = runner.run_regdb(_extract, builder, out_dir=tmp_path / "out", num_ranked=2)
+  # MPANet's variant: squared Euclidean of the unnormalised features, deduplicated CMC.
+  code = runner.run_regdb(_extract, builder, distance="euclidean", cmc="dedup")
   v_img, v_ids, _, _ = _decoded(builder, "test_visible")
   t_img, t_ids, _, _ = _decoded(builder, "test_thermal")
   vf, tf = _numpy_features(v_img, 0), _numpy_features(t_img, 1)
-  vf /= np.linalg.norm(vf, axis=1, keepdims=True)
-  tf /= np.linalg.norm(tf, axis=1, keepdims=True)
   res = {r.setting: r.trials[0] for r in report.results}
+  res_code = {r.setting: r.trials[0] for r in code.results}
+  differ = False
   for name, (qf, qi, gf, gi) in {"visible->thermal": (vf, v_ids, tf, t_ids),
                                  "thermal->visible": (tf, t_ids, vf, v_ids)}.items():
-    cmc, m_ap, m_inp, n = _brute(-(qf @ gf.T), qi, gi, dedup=False)
-    np.testing.assert_allclose(res[name].cmc, cmc, atol=1e-5)
-    np.testing.assert_allclose([res[name].mAP, res[name].mINP], [m_ap, m_inp], atol=1e-5)
+    sq = ((qf[:, None, :].astype(np.float64) - gf[None]) ** 2).sum(-1)
+    qn = qf / np.linalg.norm(qf, axis=1, keepdims=True)
+    gn = gf / np.linalg.norm(gf, axis=1, keepdims=True)
+    for got, (cmc, m_ap, m_inp, n) in ((res[name], _brute(-(qn @ gn.T), qi, gi, dedup=False)),
+                                       (res_code[name], _brute(sq, qi, gi, dedup=True))):
+      np.testing.assert_allclose(got.cmc, cmc, atol=1e-5)
+      np.testing.assert_allclose([got.mAP, got.mINP], [m_ap, m_inp], atol=1e-5)
+    differ |= abs(res[name].mAP - res_code[name].mAP) > 1e-4
+  assert differ, "the two distances ranked alike: the test features cannot tell them apart"
   assert report.record["trial"] == 2 and report.record["units"] == "fraction"
+  assert (report.record["distance"], report.record["cmc"]) == ("cosine", "plain")
+  assert (code.record["distance"], code.record["cmc"]) == ("euclidean", "identity-deduplicated")
   assert json.loads((tmp_path / "out" / "eval_regdb.json").read_text())["units"] == "fraction"
   assert (tmp_path / "out" / "ranked_regdb.png").is_file()
   (sheet,) = sheets
   assert sheet["title"].startswith("RegDB visible->thermal, trial 2:")
+  vf /= np.linalg.norm(vf, axis=1, keepdims=True)
+  tf /= np.linalg.norm(tf, axis=1, keepdims=True)
   _check_sheet_distances(sheet, vf, v_ids, tf, t_ids)
+  with pytest.raises(ValueError, match="cmc 'dedupe'"):
+    runner.run_regdb(_extract, builder, cmc="dedupe")
 
 
 def test_sheet_title_names_dataset_setting_and_trial():
@@ -181,3 +195,5 @@ def test_sheet_title_names_dataset_setting_and_trial():
       "distance d = 1 - cos")
   assert runner.sheet_title("RegDB", "visible->thermal", None).startswith(
       "RegDB visible->thermal: ")
+  assert runner.sheet_title("RegDB", "visible->thermal", 1, distance="euclidean").endswith(
+      "ranked by squared Euclidean distance d = |q - g|^2 (unnormalised features)")

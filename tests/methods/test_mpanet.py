@@ -154,6 +154,34 @@ def test_each_row_has_its_terms_and_weights(row, terms):
   assert set(got) == terms
 
 
+def test_real_data_presets_follow_the_released_recipe():
+  """mpanet.md §2.3, §5, §6, written out here: SYSU and RegDB inputs, batches, schedule, eval."""
+  from maumjax.train import evaluation
+  sysu = mpanet_configs.get_config("sysu")
+  regdb = mpanet_configs.get_config("regdb")
+  for c in (sysu, regdb):
+    assert (c.num_epochs, c.optim.name, c.optim.lr, c.optim.weight_decay) == (
+        140, "adam", 3.5e-4, 5e-4)
+    assert c.data.pipeline.sampler == "mpanet" and c.data.pipeline.augment_rgb == "mpanet"
+    assert (c.model.arch, c.model.last_stride, c.model.num_parts) == ("resnet50", 1, 6)
+    assert c.eval.sampling == "official"
+  assert (sysu.data.height, sysu.data.width, tuple(sysu.optim.decay_epochs)) == (384, 128,
+                                                                                 (80, 120))
+  assert (sysu.data.pipeline.num_identities, sysu.data.pipeline.num_instances) == (16, 4)
+  assert sysu.eval.distance == "cosine"  # L2-normalised features
+  assert (regdb.data.height, regdb.data.width, tuple(regdb.optim.decay_epochs)) == (256, 128,
+                                                                                    (110,))
+  assert (regdb.data.pipeline.num_identities, regdb.data.pipeline.num_instances) == (12, 5)
+  assert (regdb.eval.distance, regdb.eval.regdb_cmc) == ("euclidean", "dedup")
+  for data in mpanet_configs.DATA:
+    for row, spec in mpanet_configs.ROWS.items():
+      config = mpanet_configs.get_config(f"{data}_{row}")
+      evaluation.check_config(config.eval.to_dict())
+      assert {k: config.model[k] for k in spec["model"]} == spec["model"]
+      assert {k: config.loss[k] for k in spec["loss"]} == spec["loss"]
+  assert mpanet_configs.get_config("sysu_se").model.mam_variant == "se"
+
+
 def test_no_gradient_reaches_the_means_or_through_the_teacher_features():
   setup = _setup(_config())
   batch = _batch(3)

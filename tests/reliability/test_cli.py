@@ -69,6 +69,12 @@ def test_workdir_that_is_a_file_is_refused_before_any_data(tmp_path):
   assert not (tmp_path / "synthetic").exists() and not (tmp_path / "runs").exists()
 
 
+def test_unknown_eval_choice_is_refused_before_any_data(tmp_path):
+  line = _one_line_error(_run(["experiments.mpanet", "--config.eval.distance=l2"], tmp_path))
+  assert "config.eval.distance='l2' is not one of ['cosine', 'euclidean']" in line
+  assert not (tmp_path / "synthetic").exists() and not (tmp_path / "runs").exists()
+
+
 def test_verbose_shows_the_traceback(tmp_path):
   afile = tmp_path / "notes.txt"
   afile.write_text("x")
