@@ -69,7 +69,7 @@ def _check(method: str, config, workdir: str, config_change: Sequence[str]) -> N
   from maumjax.train import evaluation
 
   methods.get(method)
-  evaluation.check_config(config.eval)
+  evaluation.check_config(config)
   pretrained = config.get("model", {}).get("pretrained")
   if pretrained:
     # A missing or broken weights file is reported now rather than after the data is prepared

@@ -164,6 +164,9 @@ PRESETS: dict[str, AugmentConfig] = {
   # equals crop at 2p - dx then flip, and 2p - dx has the same law, so this order is equivalent
   # in distribution.
   "mpanet": AugmentConfig(pad_fill=127, erase_p=0.5, **ERASE_VARIANTS["torchvision"]),
+  # mpanet.md §9 row 5: the pad + crop (fill 127) is in the code, not in the paper; this is the
+  # paper's reading (flip and random erasing only).
+  "mpanet_nopad": AugmentConfig(pad=0, pad_fill=127, erase_p=0.5, **ERASE_VARIANTS["torchvision"]),
   # The same at the synthetic demo's 64x32 (a 10-pixel pad would move a third of the image).
   "mpanet_small": AugmentConfig(pad=2, pad_fill=127, erase_p=0.5,
                                 **ERASE_VARIANTS["torchvision"]),

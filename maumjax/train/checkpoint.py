@@ -69,12 +69,12 @@ def os_reason(error: BaseException) -> str | None:
   return None
 
 
-def saved_steps(workdir: str | os.PathLike) -> list[int]:
-  """The steps of the complete checkpoints under `<workdir>/checkpoints`, without Orbax.
+def saved_steps(workdir: str | os.PathLike, subdir: str = "checkpoints") -> list[int]:
+  """The steps of the complete checkpoints under `<workdir>/<subdir>`, without Orbax.
 
   Orbax renames a step's temporary folder to the bare step number only once it is complete.
   """
-  directory = Path(workdir) / "checkpoints"
+  directory = Path(workdir) / subdir
   if not directory.is_dir():
     return []
   return sorted(int(d.name) for d in directory.iterdir() if d.name.isdigit() and d.is_dir())
@@ -86,11 +86,13 @@ class Checkpointer:
   Args:
     workdir: the run directory.
     max_to_keep: checkpoints kept (oldest deleted first).
+    subdir: the folder under `workdir` ('best' holds the `eval.select='best_on_test'` pick).
     async_save: save in a background thread (Orbax default); `wait()` blocks until done.
   """
 
-  def __init__(self, workdir: str | os.PathLike, *, max_to_keep: int = 3, async_save: bool = True):
-    self.directory = Path(workdir).absolute() / "checkpoints"
+  def __init__(self, workdir: str | os.PathLike, *, max_to_keep: int = 3, async_save: bool = True,
+               subdir: str = "checkpoints"):
+    self.directory = Path(workdir).absolute() / subdir
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
@@ -119,7 +121,7 @@ class Checkpointer:
       raise self._save_error(previous if previous is not None else step, e) from e
 
   def _save_error(self, step: int, error: BaseException) -> CheckpointSaveError:
-    steps = saved_steps(self.directory.parent)
+    steps = saved_steps(self.directory.parent, self.directory.name)
     resume = (f"it resumes from step {steps[-1]}" if steps
               else "no checkpoint exists yet, so it starts from the beginning")
     return CheckpointSaveError(one_line(

@@ -73,17 +73,23 @@ EVAL_CHOICES = {
     "sampling": gallery.SAMPLINGS,  # SYSU-MM01 gallery sampler
     "distance": metrics.DISTANCES,  # ranking distance (both datasets)
     "regdb_cmc": ("plain", "dedup"),  # RegDB CMC convention
+    "select": ("last", "best_on_test"),  # the model the final evaluation scores
 }
 
 
-def check_config(ev: dict[str, Any]) -> None:
-  """Checks the `eval` section's choices before any training, so a typo does not surface only
-  when the run is over.
+def check_config(config) -> None:
+  """Checks the run config's `eval` section before any training, so a typo does not surface
+  only when the run is over.
+
+  Args:
+    config: the run config (ConfigDict or dict) with its `eval` and `train` sections.
 
   Raises:
-    EvalConfigError: a field of `EVAL_CHOICES` holds another value (the message names the field,
-      the value and the choices).
+    EvalConfigError: a field of `EVAL_CHOICES` holds another value, a SYSU setting is unknown,
+      or `eval.select='best_on_test'` has no quick evaluations to select from
+      (`train.eval_every_epochs=0`). The message names the field, the value and the choices.
   """
+  ev = config["eval"]
   for key, choices in EVAL_CHOICES.items():
     if key in ev and ev[key] not in choices:
       raise EvalConfigError(f"config.eval.{key}={ev[key]!r} is not one of {list(choices)}")
@@ -92,6 +98,10 @@ def check_config(ev: dict[str, Any]) -> None:
     if bad:
       raise EvalConfigError(f"config.eval.{key} holds {bad}; the SYSU-MM01 protocol has "
                             f"{list(allowed)}")
+  if ev.get("select") == "best_on_test" and not config["train"]["eval_every_epochs"]:
+    raise EvalConfigError("config.eval.select='best_on_test' picks among the quick "
+                          "evaluations, and config.train.eval_every_epochs=0 runs none: set "
+                          "it to N > 0 (an evaluation every N epochs)")
 
 
 class RunNotFoundError(errors.UserError, FileNotFoundError):

@@ -140,6 +140,9 @@ class _Steps:
     return self._compiled[phase]
 
 
+BEST_SUBDIR = "best"  # <workdir>/best: the eval.select='best_on_test' pick
+
+
 def train_and_evaluate(config, workdir: str | os.PathLike, *, max_steps: int | None = None,
                        config_change: Sequence[str] = ()) -> dict[str, Any]:
   """Trains (or resumes) one run and evaluates it; returns the contents of metrics.json.
@@ -163,7 +166,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, max_steps: int | N
   """
   config = _as_dict(config)
   method = methods.get(config["method"])
-  evaluation.check_config(config["eval"])
+  evaluation.check_config(config)
   workdir = workdir_lib.ensure_workdir(workdir)
   if config.get("distributed"):
     initialize_distributed(config)
@@ -198,6 +201,13 @@ def _train_and_evaluate(method, config: dict[str, Any], workdir: Path, max_steps
   on_epoch_start = getattr(method, "on_epoch_start", None)
 
   ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=tc["keep_checkpoints"])
+  # eval.select='best_on_test': the state of the best quick evaluation so far, in <workdir>/best
+  # (its metadata is the record of the pick, so a resumed run knows it).
+  best_ckpt, best = None, None
+  if config["eval"].get("select", "last") == "best_on_test":
+    best_ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=1, subdir=BEST_SUBDIR)
+    if best_ckpt.latest_step() is not None:
+      best = best_ckpt.read_meta()["best"]
   state, meta = setup.state, {}
   if ckpt.latest_step() is not None:
     state, meta = ckpt.restore(setup.state)
@@ -348,6 +358,9 @@ def _train_and_evaluate(method, config: dict[str, Any], workdir: Path, max_steps
         if writer:
           writer.write(step, evaluation.scalars(summary), kind="eval", epoch=epoch - 1)
         say(f"epoch {epoch - 1} quick evaluation: {_headline(summary)}")
+        if best_ckpt is not None:
+          best = _keep_best(best_ckpt, best, summary, step, epoch - 1,
+                            lambda: placement.get_state(dstate))
     jax.block_until_ready(dstate)
     timer.pause()
     train_seconds = time.perf_counter() - t_start
@@ -355,23 +368,44 @@ def _train_and_evaluate(method, config: dict[str, Any], workdir: Path, max_steps
       save(force=True)
     ckpt.wait()
     times = run_times()
-    completed = True
     if step < total_steps:  # stopped early by max_steps: the checkpoint above resumes it
+      completed = True
       return {"stopped_at_step": step, "total_steps": total_steps}
+    state = placement.get_state(dstate)
+    selected = {"rule": "last", "step": step}
+    if best_ckpt is not None:  # the final state is a candidate too
+      summary = evaluation.summarize(evaluation.evaluate(method, setup, state, prepared, config,
+                                                         full=False))
+      if writer:
+        writer.write(step, evaluation.scalars(summary), kind="eval",
+                     epoch=config["num_epochs"] - 1)
+      say(f"final quick evaluation: {_headline(summary)}")
+      best = _keep_best(best_ckpt, best, summary, step, config["num_epochs"] - 1, lambda: state)
+      best_ckpt.wait()
+      if best["step"] != step:
+        state, _ = best_ckpt.restore(setup.state)
+      selected = {"rule": "best_on_test", **best}
+      say(f"eval.select='best_on_test': evaluating the state after epoch {best['epoch']} "
+          f"(step {best['step']}, quick {best['setting']} R1 {best['r1_pct']:.1f}%); it was "
+          "chosen on the test set, so its numbers are optimistic (the released MPANet code's "
+          "practice)")
+    completed = True
   finally:
     bar.close()
     iterator.close()
-    if completed:
-      ckpt.close()
-    else:  # an error is on its way up: close without letting a second error replace it
-      try:
-        ckpt.close()
-      except Exception:  # noqa: BLE001
-        pass
+    for manager in (ckpt, best_ckpt):
+      if manager is None:
+        continue
+      if completed:
+        manager.close()
+      else:  # an error is on its way up: close without letting a second error replace it
+        try:
+          manager.close()
+        except Exception:  # noqa: BLE001
+          pass
     if writer:
       writer.close()
 
-  state = placement.get_state(dstate)
   t0 = time.perf_counter()
   report = evaluation.evaluate(method, setup, state, prepared, config, full=True,
                                out_dir=workdir / "eval" if is_main else None)
@@ -387,7 +421,8 @@ def _train_and_evaluate(method, config: dict[str, Any], workdir: Path, max_steps
           "train_images_per_s": (round(times["timed_images"] / times["timed_seconds"], 2)
                                  if times["timed_images"] and times["timed_seconds"] > 0
                                  else None),
-          "eval_seconds": round(eval_seconds, 2), "parallel": mode, "devices": devices,
+          "eval_seconds": round(eval_seconds, 2), "selected": selected,
+          "parallel": mode, "devices": devices,
           "num_classes": data.num_classes, "dataset": prepared.name,
           "synthetic_data": prepared.synthetic,
           "pretrained_sha256": getattr(setup.load_report, "sha256", None),
@@ -420,6 +455,20 @@ def _restart_advice(ckpt: checkpoint_lib.Checkpointer, config: dict[str, Any]) -
   return (f"The last good checkpoint is step {last} in {ckpt.directory}: resume from it with "
           f"the same --workdir and a lower learning rate ({flags}), or check the data, or use "
           "model.dtype='float32'")
+
+
+def _keep_best(best_ckpt: checkpoint_lib.Checkpointer, best: dict[str, Any] | None,
+               summary: dict[str, dict[str, float]], step: int, epoch: int,
+               get_state) -> dict[str, Any]:
+  """Saves the state in `best_ckpt` when this quick evaluation's first-setting R1 beats `best`
+  (ties keep the earlier state); returns the record of the best so far."""
+  setting, values = next(iter(summary.items()))
+  if best is not None and values["r1"] <= best["r1_pct"]:
+    return best
+  best = {"step": step, "epoch": epoch, "setting": setting, "r1_pct": values["r1"],
+          "mAP_pct": values["mAP"]}
+  best_ckpt.save(step, get_state(), {"step": step, "best": best}, force=True)
+  return best
 
 
 def _headline(summary: dict[str, dict[str, float]]) -> str:

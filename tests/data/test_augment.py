@@ -368,3 +368,13 @@ def test_config_hashable_and_lists_become_tuples():
 def test_unknown_preset_lists_valid_names():
   with pytest.raises(ValueError, match=r"'caj_thermal'.*'mpanet'"):
     augment.preset("cajj")
+
+
+def test_mpanet_nopad_is_the_mpanet_recipe_without_pad_and_crop():
+  """mpanet.md §9 row 5: the paper's reading drops only the pad + crop."""
+  full, nopad = augment.preset("mpanet"), augment.preset("mpanet_nopad")
+  assert full.pad == 10 and full.pad_fill == 127 and nopad.pad == 0
+  assert dataclasses.replace(full, pad=0) == nopad
+  params = augment.draw_params_batch(np.random.default_rng(7), nopad, 200, 32, 16)
+  assert (params["crop_y"] == 0).all() and (params["crop_x"] == 0).all()
+  assert 0 < params["flip"].mean() < 1 and 0 < params["erase"].mean() < 1

@@ -176,7 +176,7 @@ def test_real_data_presets_follow_the_released_recipe():
   for data in mpanet_configs.DATA:
     for row, spec in mpanet_configs.ROWS.items():
       config = mpanet_configs.get_config(f"{data}_{row}")
-      evaluation.check_config(config.eval.to_dict())
+      evaluation.check_config(config)
       assert {k: config.model[k] for k in spec["model"]} == spec["model"]
       assert {k: config.loss[k] for k in spec["loss"]} == spec["loss"]
   assert mpanet_configs.get_config("sysu_se").model.mam_variant == "se"

@@ -127,6 +127,48 @@ def test_evaluate_workdir_reproduces_the_final_metrics(uninterrupted):
   assert Path(result["out_dir"], "metrics.json").exists()
 
 
+def test_best_on_test_evaluates_the_state_of_the_best_quick_evaluation(cache, tmp_path,
+                                                                       monkeypatch):
+  """eval.select='best_on_test': the final protocol scores the best quick evaluation's state.
+
+  The quick evaluations' Rank-1 is made to fall by 100 points per evaluation (after the real
+  values are recorded), so the first one (after epoch 0) must be picked, not the final state.
+  """
+  real_summarize = evaluation.summarize
+  seen = []
+
+  def falling(report):
+    out = real_summarize(report)
+    if len(report.results[0].trials) == 1:  # a quick evaluation (the full one has 2 trials)
+      seen.append(json.loads(json.dumps(out)))
+      next(iter(out.values()))["r1"] -= 100.0 * len(seen)
+    return out
+
+  monkeypatch.setattr(evaluation, "summarize", falling)
+  config = _config(eval_every_epochs=1)
+  config.eval.select = "best_on_test"
+  result = loop.train_and_evaluate(config, tmp_path)
+  steps_per_epoch = result["run"]["steps_per_epoch"]
+  assert len(seen) == 2  # after epoch 0, and the final state
+  picked = result["run"]["selected"]
+  assert (picked["rule"], picked["step"], picked["epoch"]) == ("best_on_test",
+                                                               steps_per_epoch, 0)
+  assert checkpoint_lib.saved_steps(tmp_path, "best") == [steps_per_epoch]
+  # The full protocol's trial 0 of all/single is the quick evaluation's gallery: same state,
+  # same Rank-1 as the real value recorded after epoch 0.
+  record = json.loads((tmp_path / "eval" / "eval_sysu_mm01.json").read_text())
+  trial0 = record["settings"][0]["trials"][0]
+  assert record["settings"][0]["setting"] == "all/single"
+  np.testing.assert_allclose(100 * trial0["r1"], seen[0]["all/single"]["r1"], atol=1e-6)
+  evals = [r for r in writers.read_log(tmp_path) if r.get("kind") == "eval"]
+  assert [r["step"] for r in evals] == [steps_per_epoch, 2 * steps_per_epoch]
+  # Without quick evaluations there is nothing to select from: refused before training.
+  config.train.eval_every_epochs = 0
+  with pytest.raises(evaluation.EvalConfigError, match="eval_every_epochs=0"):
+    loop.train_and_evaluate(config, tmp_path / "other")
+  assert not (tmp_path / "other").exists()
+
+
 @pytest.mark.parametrize("mode", ["pmap", "none"])
 def test_other_parallel_modes_train_the_same_run(mode, cache, tmp_path):
   """The loop under pmap (4 devices) and on one device matches shard_map, step by step.
