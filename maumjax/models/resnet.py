@@ -61,6 +61,9 @@ ARCHS: dict[str, ArchSpec] = {
   "resnet18": ArchSpec("basic", (2, 2, 2, 2), 64),
   # Widths / 8 with one block per stage: for unit tests and CPU demos only.
   "tiny": ArchSpec("basic", (1, 1, 1, 1), 8),
+  # Widths / 4 with one block per stage: the MPANet CPU demo (its instance norm needs more
+  # channels than tiny's to keep identity information on 4 x 2 maps).
+  "small": ArchSpec("basic", (1, 1, 1, 1), 16),
 }
 
 

@@ -50,6 +50,7 @@ def test_stage_channels_and_names():
   assert [stage_output_channels("resnet50", s) for s in range(5)] == [64, 256, 512, 1024, 2048]
   assert [stage_output_channels("resnet18", s) for s in range(5)] == [64, 64, 128, 256, 512]
   assert stage_output_channels("tiny") == 64
+  assert [stage_output_channels("small", k) for k in range(5)] == [16, 16, 32, 64, 128]
   params = _abstract_init(ResNet("resnet50"), (1, 64, 32, 3))["params"]
   expected = {"conv1", "bn1"} | {f"layer{s}_{i}" for s, n in zip(range(1, 5), (3, 4, 6, 3))
                                  for i in range(n)}
