@@ -241,7 +241,7 @@ def test_axis_name_synchronises_batch_statistics():
 
 
 def test_archs_is_a_plain_dict():
-  assert type(ARCHS) is dict and set(ARCHS) == {"resnet50", "resnet18", "tiny"}
+  assert type(ARCHS) is dict and set(ARCHS) == {"resnet50", "resnet18", "tiny", "small"}
   with pytest.raises(ValueError, match="unknown ResNet arch"):
     resnet.stage_output_channels("resnet34")
 
