@@ -57,6 +57,7 @@ ARCHS = {
     "resnet50": ("bottleneck", (3, 4, 6, 3), 64),
     "resnet18": ("basic", (2, 2, 2, 2), 64),
     "tiny": ("basic", (1, 1, 1, 1), 8),
+    "small": ("basic", (1, 1, 1, 1), 16),
 }
 
 

@@ -70,22 +70,6 @@ def test_synthetic_batch_has_the_sampler_structure():
     train_step.synthetic_batch(6, 16, 8, num_instances=4, num_classes=10, augment_on="host")
 
 
-def test_train_step_benchmark_runs_the_full_maum_step(tmp_path):
-  out = tmp_path / "results.jsonl"
-  result = _run([f"--out={out}", "--dtypes=bfloat16"], tmp_path)
-  assert result["benchmark"] == "train_step" and result["dtype"] == "bfloat16"
-  assert result["batch"] == 16 and result["arch"] == "tiny" and result["platform"] == "cpu"
-  assert result["images_per_s"] > 0 and result["step_ms"] > 0 and result["compile_s"] > 0
-  assert result["flops_per_step"] > 0 and result["flops_per_image"] > 0
-  assert result["recompiled"] is False and result["finite"] is True
-  # After uni_start: the cross-modality (memory) terms are in the loss.
-  assert {"ms_parts", "ir_to_rgb_parts", "rgb_to_ir_parts", "triplet"} <= set(
-      result["loss_terms"])
-  assert result["mfu"] is None and result["peak_tflops"] is None  # no peak known for a CPU
-  assert result["jax_version"] == jax.__version__ and "commit" in result
-  assert json.loads(out.read_text().splitlines()[-1]) == result
-
-
 @pytest.mark.torch
 def test_torch_reference_matches_the_maumjax_model_and_runs():
   torch = pytest.importorskip("torch", exc_type=ImportError)

@@ -88,7 +88,17 @@ def test_smoke_suite_end_to_end(tmp_path):
   lines = {ln["benchmark"]: ln for ln in _lines(out)}
   assert set(lines) == {"env", "evaluation_sysu", "train_step", "input_pipeline", "trainer"}, lines
   assert lines["env"]["versions"]["jax"] == jax.__version__
-  prof = lines["train_step"]["profile"]
+  # The profile section runs the train-step benchmark (bf16, tiny ResNet, batch 8): its record.
+  step = lines["train_step"]
+  assert step["dtype"] == "bfloat16" and step["arch"] == "tiny" and step["platform"] == "cpu"
+  assert step["images_per_s"] > 0 and step["step_ms"] > 0 and step["compile_s"] > 0
+  assert step["flops_per_step"] > 0 and step["flops_per_image"] > 0
+  assert step["recompiled"] is False and step["finite"] is True
+  # After uni_start: the cross-modality (memory) terms are in the loss.
+  assert {"ms_parts", "ir_to_rgb_parts", "rgb_to_ir_parts", "triplet"} <= set(step["loss_terms"])
+  assert step["mfu"] is None and step["peak_tflops"] is None  # no peak known for a CPU
+  assert step["jax_version"] == jax.__version__ and "commit" in step
+  prof = step["profile"]
   assert prof["steps"] == 5 and prof["busy_ms_per_step"] > 0
   assert (out / suite.PROFILE_FILE).stat().st_size > 0 and not (out / "trace").exists()
   trainer = lines["trainer"]
