@@ -3,7 +3,7 @@
 Modules:
   metric    base metrics: Circle loss and normalised softmax, per row and against proxies.
   proxy     the MAUM terms built on them (shared, MS-proxy, unidirectional with memory).
-  triplet   AGW batch-hard triplet loss.
+  triplet   AGW batch-hard triplet loss; its directional form over groups (BDF's MML / MDL).
   identity  label-smoothed softmax cross-entropy.
   center    MPANet's center-cluster loss (pull to identity centres, push centres apart).
   pattern   MPANet's pattern-separation loss on the PAM maps.
@@ -34,6 +34,8 @@ from maumjax.losses.triplet import (
   batch_hard_triplet_per_anchor,
   batch_hard_triplet_with_stats,
   cosine_distances,
+  cross_modal_triplet,
+  cross_modal_triplet_per_pair,
   euclidean_distances,
   hardest_pairs,
 )
@@ -48,6 +50,8 @@ __all__ = [
   "center_cluster_loss",
   "circle_loss",
   "cosine_distances",
+  "cross_modal_triplet",
+  "cross_modal_triplet_per_pair",
   "euclidean_distances",
   "hardest_pairs",
   "head_proxy_metric",

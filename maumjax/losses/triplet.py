@@ -140,3 +140,79 @@ def batch_hard_triplet(
     Scalar loss.
   """
   return batch_hard_triplet_with_stats(feats, labels, margin=margin, metric=metric)[0]
+
+
+def cross_modal_triplet_per_pair(
+  feats: jax.Array,
+  labels: jax.Array,
+  groups: jax.Array,
+  *,
+  pairs: tuple[tuple[int, int], ...],
+  margin: float = 0.3,
+  metric: str = "euclidean",
+) -> jax.Array:
+  """Batch-hard triplet loss of each (anchor group -> target group) direction, from ONE
+  distance matrix over the whole batch.
+
+  For direction (a, b), every anchor i with groups[i] == a takes its hardest positive (the
+  farthest j with groups[j] == b and labels[j] == labels[i]) and hardest negative (the nearest
+  j with groups[j] == b and another label): loss_i = relu(d_ap - d_an + margin), as AGW's
+  triplet restricted to the two groups. The direction's loss is the mean over its anchors that
+  have a positive in b (an anchor without one is left out; one without a negative has loss 0).
+  With a == b the anchor itself is among its positives (distance ~1e-6, as AGW).
+
+  Args:
+    feats: [N, D] features (e.g. the [V; I; V^; I^] batch of BDF, or [RGB; IR]).
+    labels: [N] int identity labels (shared across groups).
+    groups: [N] int group (modality) of each row.
+    pairs: the directions, static (anchor group, target group) tuples.
+    margin: triplet margin (AGW: 0.3).
+    metric: a key of `DISTANCES`.
+
+  Returns:
+    [len(pairs)] float32, one loss per direction (0 for a direction with no anchor).
+
+  References: bdf.md §4 (Tri(A; B)) and §8 (one matrix, block masks); AGW `TripletLoss`.
+  """
+  if metric not in DISTANCES:
+    raise ValueError(f"Unknown triplet metric {metric!r}; valid names: {sorted(DISTANCES)}.")
+  if feats.ndim != 2 or labels.shape != feats.shape[:1] or groups.shape != feats.shape[:1]:
+    raise ValueError(f"feats must be [N, D], labels and groups [N]; got {feats.shape}, "
+                     f"{labels.shape} and {groups.shape}")
+  if not pairs:
+    raise ValueError("pairs is empty: give at least one (anchor group, target group)")
+  feats = feats.astype(jnp.promote_types(feats.dtype, jnp.float32))
+  dist = DISTANCES[metric](feats)  # [N, N]
+  big = jnp.finfo(dist.dtype).max
+  anchor_g = jnp.asarray([a for a, _ in pairs])[:, None]  # [P, 1]
+  target_g = jnp.asarray([b for _, b in pairs])[:, None]
+  is_anchor = groups[None, :] == anchor_g  # [P, N]
+  is_target = groups[None, :] == target_g  # [P, N]
+  same = labels[:, None] == labels[None, :]  # [N, N]
+  pos = is_target[:, None, :] & same[None]  # [P, N, N]: j a positive of anchor i in b
+  neg = is_target[:, None, :] & ~same[None]
+  d_ap = jnp.max(jnp.where(pos, dist[None], -big), axis=2)  # [P, N]
+  d_an = jnp.min(jnp.where(neg, dist[None], big), axis=2)
+  has_pos = is_anchor & jnp.any(pos, axis=2)
+  loss = jnp.where(has_pos, jax.nn.relu(d_ap - jnp.minimum(d_an, big / 2) + margin), 0.0)
+  count = jnp.sum(has_pos, axis=1)
+  return jnp.sum(loss, axis=1) / jnp.maximum(count, 1)
+
+
+def cross_modal_triplet(
+  feats: jax.Array,
+  labels: jax.Array,
+  groups: jax.Array,
+  *,
+  pairs: tuple[tuple[int, int], ...],
+  margin: float = 0.3,
+  metric: str = "euclidean",
+) -> jax.Array:
+  """The mean over `pairs` of `cross_modal_triplet_per_pair`: a sum of directional triplet
+  terms normalised by their number (bdf.md §4), so switching a direction off keeps the scale.
+
+  Returns:
+    Scalar loss.
+  """
+  return jnp.mean(cross_modal_triplet_per_pair(feats, labels, groups, pairs=pairs,
+                                               margin=margin, metric=metric))
