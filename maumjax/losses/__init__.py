@@ -8,8 +8,17 @@ Modules:
   center    MPANet's center-cluster loss (pull to identity centres, push centres apart).
   pattern   MPANet's pattern-separation loss on the PAM maps.
   distill   MPANet's mutual mean learning KL (student against a stop-gradient teacher).
+  bdf       BDF's DID, MML and MDL over the [V; I; V^; I^] batch.
 """
 
+from maumjax.losses.bdf import (
+  DID_MODES,
+  MDL_PAIRS,
+  MML_PAIRS,
+  did_loss,
+  mdl_loss,
+  mml_loss,
+)
 from maumjax.losses.center import center_cluster_loss
 from maumjax.losses.distill import KL_DIRECTIONS, mutual_mean_kl
 from maumjax.losses.identity import softmax_cross_entropy
@@ -41,9 +50,12 @@ from maumjax.losses.triplet import (
 )
 
 __all__ = [
+  "DID_MODES",
   "DISTANCES",
   "KL_DIRECTIONS",
+  "MDL_PAIRS",
   "METRICS",
+  "MML_PAIRS",
   "batch_hard_triplet",
   "batch_hard_triplet_per_anchor",
   "batch_hard_triplet_with_stats",
@@ -52,11 +64,14 @@ __all__ = [
   "cosine_distances",
   "cross_modal_triplet",
   "cross_modal_triplet_per_pair",
+  "did_loss",
   "euclidean_distances",
   "hardest_pairs",
   "head_proxy_metric",
   "l2_normalize",
+  "mdl_loss",
   "memory_refs",
+  "mml_loss",
   "ms_proxy_loss",
   "mutual_mean_kl",
   "norm_softmax_loss",
