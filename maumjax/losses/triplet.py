@@ -48,6 +48,13 @@ DISTANCES: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
+def _distance_fn(metric: str) -> Callable[[jax.Array], jax.Array]:
+  """The `DISTANCES` entry of `metric`; ValueError naming the valid ones otherwise."""
+  if metric not in DISTANCES:
+    raise ValueError(f"Unknown triplet metric {metric!r}; valid names: {sorted(DISTANCES)}.")
+  return DISTANCES[metric]
+
+
 def hardest_pairs(dist: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Farthest positive and nearest negative distance of every anchor.
 
@@ -87,15 +94,14 @@ def batch_hard_triplet_per_anchor(
   Raises:
     ValueError: unknown metric or bad shapes.
   """
-  if metric not in DISTANCES:
-    raise ValueError(f"Unknown triplet metric {metric!r}; valid names: {sorted(DISTANCES)}.")
+  distances = _distance_fn(metric)
   if feats.ndim != 2 or labels.shape != feats.shape[:1]:
     raise ValueError(
       f"feats must be [N, D] and labels [N]; got {feats.shape} and {labels.shape}. Flatten "
       "part features to [N, P*D] first (tri_on='concat')."
     )
   feats = feats.astype(jnp.promote_types(feats.dtype, jnp.float32))
-  d_ap, d_an = hardest_pairs(DISTANCES[metric](feats), labels)
+  d_ap, d_an = hardest_pairs(distances(feats), labels)
   return jax.nn.relu(d_ap - d_an + margin), d_an >= d_ap
 
 
@@ -174,15 +180,14 @@ def cross_modal_triplet_per_pair(
 
   References: bdf.md §4 (Tri(A; B)) and §8 (one matrix, block masks); AGW `TripletLoss`.
   """
-  if metric not in DISTANCES:
-    raise ValueError(f"Unknown triplet metric {metric!r}; valid names: {sorted(DISTANCES)}.")
+  distances = _distance_fn(metric)
   if feats.ndim != 2 or labels.shape != feats.shape[:1] or groups.shape != feats.shape[:1]:
     raise ValueError(f"feats must be [N, D], labels and groups [N]; got {feats.shape}, "
                      f"{labels.shape} and {groups.shape}")
   if not pairs:
     raise ValueError("pairs is empty: give at least one (anchor group, target group)")
   feats = feats.astype(jnp.promote_types(feats.dtype, jnp.float32))
-  dist = DISTANCES[metric](feats)  # [N, N]
+  dist = distances(feats)  # [N, N]
   big = jnp.finfo(dist.dtype).max
   anchor_g = jnp.asarray([a for a, _ in pairs])[:, None]  # [P, 1]
   target_g = jnp.asarray([b for _, b in pairs])[:, None]

@@ -387,8 +387,7 @@ def _train_and_evaluate(method, config: dict[str, Any], workdir: Path, max_steps
       selected = {"rule": "best_on_test", **best}
       say(f"eval.select='best_on_test': evaluating the state after epoch {best['epoch']} "
           f"(step {best['step']}, quick {best['setting']} R1 {best['r1_pct']:.1f}%); it was "
-          "chosen on the test set, so its numbers are optimistic (the released MPANet code's "
-          "practice)")
+          "chosen on the test set, so its numbers are optimistic")
     completed = True
   finally:
     bar.close()
