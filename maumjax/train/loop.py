@@ -263,6 +263,14 @@ def _train_and_evaluate(method, config: dict[str, Any], workdir: Path, max_steps
           f"non-finite step {s} (epoch {(s - 1) // steps_per_epoch}: {shown}); it was not "
           f"applied and nothing after it was saved. {_restart_advice(ckpt, config)}")
 
+  def quick_evaluation(host_state, epoch_: int) -> dict[str, dict[str, float]]:
+    """The in-training check (`eval.quick_trials`), logged at the current step."""
+    summary = evaluation.summarize(evaluation.evaluate(method, setup, host_state, prepared,
+                                                       config, full=False))
+    if writer:
+      writer.write(step, evaluation.scalars(summary), kind="eval", epoch=epoch_)
+    return summary
+
   def say(message: str) -> None:
     if is_main:
       bar.write(message)
@@ -351,16 +359,13 @@ def _train_and_evaluate(method, config: dict[str, Any], workdir: Path, max_steps
       if (epoch_end and tc["eval_every_epochs"] and epoch % tc["eval_every_epochs"] == 0
           and step < total_steps):
         timer.pause()
-        report = evaluation.evaluate(method, setup, placement.get_state(dstate), prepared,
-                                     config, full=False)
+        host_state = placement.get_state(dstate)
+        summary = quick_evaluation(host_state, epoch - 1)
         timer.resume()
-        summary = evaluation.summarize(report)
-        if writer:
-          writer.write(step, evaluation.scalars(summary), kind="eval", epoch=epoch - 1)
         say(f"epoch {epoch - 1} quick evaluation: {_headline(summary)}")
         if best_ckpt is not None:
-          best = _keep_best(best_ckpt, best, summary, step, epoch - 1,
-                            lambda: placement.get_state(dstate))
+          best = _keep_best(best_ckpt, best, summary, step, epoch - 1, host_state)
+        del host_state
     jax.block_until_ready(dstate)
     timer.pause()
     train_seconds = time.perf_counter() - t_start
@@ -374,13 +379,9 @@ def _train_and_evaluate(method, config: dict[str, Any], workdir: Path, max_steps
     state = placement.get_state(dstate)
     selected = {"rule": "last", "step": step}
     if best_ckpt is not None:  # the final state is a candidate too
-      summary = evaluation.summarize(evaluation.evaluate(method, setup, state, prepared, config,
-                                                         full=False))
-      if writer:
-        writer.write(step, evaluation.scalars(summary), kind="eval",
-                     epoch=config["num_epochs"] - 1)
+      summary = quick_evaluation(state, config["num_epochs"] - 1)
       say(f"final quick evaluation: {_headline(summary)}")
-      best = _keep_best(best_ckpt, best, summary, step, config["num_epochs"] - 1, lambda: state)
+      best = _keep_best(best_ckpt, best, summary, step, config["num_epochs"] - 1, state)
       best_ckpt.wait()
       if best["step"] != step:
         state, _ = best_ckpt.restore(setup.state)
@@ -458,7 +459,7 @@ def _restart_advice(ckpt: checkpoint_lib.Checkpointer, config: dict[str, Any]) -
 
 def _keep_best(best_ckpt: checkpoint_lib.Checkpointer, best: dict[str, Any] | None,
                summary: dict[str, dict[str, float]], step: int, epoch: int,
-               get_state) -> dict[str, Any]:
+               state) -> dict[str, Any]:
   """Saves the state in `best_ckpt` when this quick evaluation's first-setting R1 beats `best`
   (ties keep the earlier state); returns the record of the best so far."""
   setting, values = next(iter(summary.items()))
@@ -466,7 +467,7 @@ def _keep_best(best_ckpt: checkpoint_lib.Checkpointer, best: dict[str, Any] | No
     return best
   best = {"step": step, "epoch": epoch, "setting": setting, "r1_pct": values["r1"],
           "mAP_pct": values["mAP"]}
-  best_ckpt.save(step, get_state(), {"step": step, "best": best}, force=True)
+  best_ckpt.save(step, state, {"step": step, "best": best}, force=True)
   return best
 
 
