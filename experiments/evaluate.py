@@ -7,7 +7,8 @@ dataset (SYSU-MM01: all- and indoor-search, single- and multi-shot, `eval.trials
 RegDB: both directions). Prints
 the table and writes `<workdir>/eval_step<N>/` (JSON record, CMC plot, ranked lists) and
 `<workdir>/eval_step<N>/metrics.json`. `--eval.<field>` style overrides: --trials, --flip,
---sampling.
+--sampling; `--model=tta_derivative=true` changes a test-time model field (BDF's derivative
+test-time augmentation) and writes to `eval_step<N>_tta_derivative-True/`.
 
 A mistake the user can fix (a --workdir that is not a run directory, a flag that does not
 parse, any `maumjax.errors.UserError` from the library) is printed as one line on stderr with
@@ -31,6 +32,24 @@ _TRIALS = flags.DEFINE_integer("trials", None, "SYSU-MM01 trials (default: the r
 _FLIP = flags.DEFINE_bool("flip", None, "Flip test-time augmentation (default: the run's).")
 _SAMPLING = flags.DEFINE_enum("sampling", None, ["agw", "official"],
                               "SYSU gallery sampler (default: the run's).")
+_MODEL = flags.DEFINE_list(
+    "model", [], "FIELD=VALUE[,FIELD=VALUE]: test-time fields of the run's model section to "
+    "change, e.g. tta_derivative=true (BDF: average base and derivative features); results go "
+    "to eval_step<N>_<field>-<value>/.")
+
+
+def _parse_model(pairs) -> dict:
+  """['tta_derivative=true'] -> {'tta_derivative': True} (JSON values; bare words as text)."""
+  out = {}
+  for pair in pairs:
+    field, sep, text = pair.partition("=")
+    if not sep or not field:
+      raise UserError(f"--model {pair!r}: expected FIELD=VALUE, e.g. tta_derivative=true")
+    try:
+      out[field] = json.loads(text)
+    except json.JSONDecodeError:
+      out[field] = text
+  return out
 
 
 def _check_workdir(workdir: str) -> None:
@@ -56,7 +75,8 @@ def main(argv):
   compilation_cache.enable()
   overrides = {k: v for k, v in (("trials", _TRIALS.value), ("flip", _FLIP.value),
                                  ("sampling", _SAMPLING.value)) if v is not None}
-  result = evaluation.evaluate_workdir(_WORKDIR.value, step=_STEP.value, overrides=overrides)
+  result = evaluation.evaluate_workdir(_WORKDIR.value, step=_STEP.value, overrides=overrides,
+                                       model_overrides=_parse_model(_MODEL.value))
   print(result["table"])
   print(json.dumps(result["summary"], indent=1))
   print(f"written to {result['out_dir']}")

@@ -51,6 +51,29 @@ def data_config(*, name: str = "sysu_mm01", height: int = 288,
   })
 
 
+def synthetic_data(*, augment: str, **pipeline) -> ml_collections.ConfigDict:
+  """The CPU demos' data: the built-in synthetic SYSU-MM01 layout, 100 identities, 10 images per
+  camera folder, read at 64x32, with the augmentation preset `augment` for both modalities
+  (`pipeline` overrides further pipeline fields)."""
+  data = data_config(name="sysu_mm01", height=64, width=32)
+  data.synthetic.update(num_identities=100, images_per_camera=10)
+  data.pipeline.update(num_threads=2, augment_rgb=augment, augment_ir=augment, **pipeline)
+  return data
+
+
+def shrink_to_smoke(config: ml_collections.ConfigDict) -> None:
+  """The `smoke` presets' part every method shares: 16 identities at 32x16, P = 4 x (2 + 2),
+  two epochs without decay, a log line and a checkpoint every step / epoch, two trials."""
+  config.data.height, config.data.width = 32, 16
+  config.data.synthetic.update(num_identities=16, images_per_camera=10, height=64, width=32)
+  config.data.pipeline.update(num_identities=4, num_instances=2)
+  config.num_epochs = 2
+  config.optim.update(decay_epochs=())
+  config.train.update(log_every=1, checkpoint_every_epochs=1, eval_every_epochs=0,
+                      progress=False)
+  config.eval.update(trials=2, batch_size=32, num_ranked=2)
+
+
 def optim_config(**overrides) -> ml_collections.ConfigDict:
   """Optimiser (`maumjax.train.optim.OptimConfig`); default the AGW recipe (protocol.md §5.4)."""
   fields = dict(name="sgd", lr=0.1, backbone_lr_mult=0.1, momentum=0.9, nesterov=True,
@@ -105,6 +128,40 @@ def base_config(method: str, preset: str, *, num_epochs: int) -> ml_collections.
   config.optim = optim_config()
   config.train = train_config()
   config.eval = eval_config()
+  return config
+
+
+def agw_method_config(preset: str | None, *, method: str, title: str, rows: dict[str, dict],
+                      default_row: str, model: dict, loss: dict, synthetic, smoke,
+                      num_epochs: int = 81) -> ml_collections.ConfigDict:
+  """The config of a method trained with the AGW recipe at 288x144 (MAUM, BDF) for a preset.
+
+  Args:
+    preset: `<data>[_<row>]` with data in ('synthetic', 'sysu', 'regdb'), or 'smoke'; None is
+      'synthetic'.
+    method: the config's `method`.
+    title: the method's name in error messages.
+    rows: row name -> the `loss` fields it sets (not applied to 'smoke').
+    default_row: the row of a bare `<data>` preset.
+    model, loss: the method's `model` and `loss` sections (the real-data defaults).
+    synthetic, smoke: `config -> None` editors for the synthetic and smoke presets (`smoke`
+      runs after `synthetic`).
+    num_epochs: the recipe's epochs.
+  """
+  preset = preset or "synthetic"
+  data, row = split_preset(preset, method=title, data=("synthetic", "sysu", "regdb"),
+                           rows=tuple(rows), default_row=default_row)
+  config = base_config(method, preset, num_epochs=num_epochs)
+  config.model = model
+  config.loss = loss
+  if data in ("synthetic", "smoke"):
+    synthetic(config)
+  else:
+    config.data = data_config(name={"sysu": "sysu_mm01", "regdb": "regdb"}[data])
+  if preset == "smoke":
+    smoke(config)
+  else:
+    config.loss.update(rows[row])
   return config
 
 

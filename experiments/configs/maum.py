@@ -43,7 +43,6 @@ import ml_collections
 
 from experiments.configs import common
 
-DATA = ("synthetic", "sysu", "regdb")
 ROWS = {
     "maum": dict(shared_proxy=False, ms_proxy=True, uni=True, memory_size=8),
     "baseline": dict(shared_proxy=True, ms_proxy=False, uni=False, memory_size=0),
@@ -72,31 +71,14 @@ def _model() -> dict:
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
-  preset = preset or "synthetic"
-  data, row = common.split_preset(preset, method="MAUM", data=DATA, rows=tuple(ROWS),
-                                  default_row="maum")
-  config = common.base_config("maum", preset, num_epochs=81)
-  config.model = _model()
-  config.loss = _loss()
-  if data in ("synthetic", "smoke"):
-    _synthetic(config)
-  elif data == "sysu":
-    config.data = common.data_config(name="sysu_mm01")
-  else:
-    config.data = common.data_config(name="regdb")
-  if preset == "smoke":
-    _smoke(config)
-  else:
-    config.loss.update(ROWS[row])
-  return config
+  return common.agw_method_config(preset, method="maum", title="MAUM", rows=ROWS,
+                                  default_row="maum", model=_model(), loss=_loss(),
+                                  synthetic=_synthetic, smoke=_smoke)
 
 
 def _synthetic(config: ml_collections.ConfigDict) -> None:
   """CPU-sized: tiny ResNet, 64x32 images, a short schedule with the recipe's shape."""
-  config.data = common.data_config(name="sysu_mm01", height=64, width=32)
-  config.data.synthetic.num_identities = 100
-  config.data.synthetic.images_per_camera = 10
-  config.data.pipeline.update(num_threads=2, augment_rgb="agw_small", augment_ir="agw_small")
+  config.data = common.synthetic_data(augment="agw_small")
   config.model.update(arch="tiny", num_parts=4, part_dim=64)
   config.num_epochs = 24
   # From scratch, so the backbone trains at the head's lr (the 0.1 factor is for ImageNet
@@ -112,13 +94,7 @@ def _synthetic(config: ml_collections.ConfigDict) -> None:
 def _smoke(config: ml_collections.ConfigDict) -> None:
   """Seconds: 16 identities at 32x16, two short epochs (tests and quick checks)."""
   _synthetic(config)
-  config.data.height, config.data.width = 32, 16
-  config.data.synthetic.update(num_identities=16, images_per_camera=10, height=64, width=32)
-  config.data.pipeline.update(num_identities=4, num_instances=2)
+  common.shrink_to_smoke(config)
   config.model.update(num_parts=2, part_dim=16)
-  config.num_epochs = 2
-  config.optim.update(warmup_epochs=1, decay_epochs=())
+  config.optim.warmup_epochs = 1
   config.loss.update(uni_start_epoch=1, memory_size=2)
-  config.train.update(log_every=1, checkpoint_every_epochs=1, eval_every_epochs=0,
-                      progress=False)
-  config.eval.update(trials=2, batch_size=32, num_ranked=2)

@@ -99,12 +99,8 @@ def _synthetic(config: ml_collections.ConfigDict) -> None:
   chance (all-search R1 6.5-7.9% over seeds; the SE row, the same gate without the norm,
   14.5%); README "Training MPANet" has the measurements.
   """
-  config.data = common.data_config(name="sysu_mm01", height=64, width=32)
-  config.data.synthetic.num_identities = 100
-  config.data.synthetic.images_per_camera = 10
-  config.data.pipeline.update(num_identities=8, num_instances=4, sampler="mpanet",
-                              num_threads=2, augment_rgb="mpanet_small",
-                              augment_ir="mpanet_small")
+  config.data = common.synthetic_data(augment="mpanet_small", num_identities=8,
+                                      num_instances=4, sampler="mpanet")
   config.model.update(arch="small", num_parts=4)
   config.num_epochs = 24
   config.optim.update(lr=1e-3, decay_epochs=(16, 22))
@@ -116,12 +112,5 @@ def _synthetic(config: ml_collections.ConfigDict) -> None:
 def _smoke(config: ml_collections.ConfigDict) -> None:
   """Seconds: 16 identities at 32x16, two short epochs (tests and quick checks)."""
   _synthetic(config)
-  config.data.height, config.data.width = 32, 16
-  config.data.synthetic.update(num_identities=16, images_per_camera=10, height=64, width=32)
-  config.data.pipeline.update(num_identities=4, num_instances=2)
+  common.shrink_to_smoke(config)
   config.model.update(arch="tiny", num_parts=2)
-  config.num_epochs = 2
-  config.optim.update(decay_epochs=())
-  config.train.update(log_every=1, checkpoint_every_epochs=1, eval_every_epochs=0,
-                      progress=False)
-  config.eval.update(trials=2, batch_size=32, num_ranked=2)

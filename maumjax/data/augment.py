@@ -374,6 +374,9 @@ def apply_jax(images: jax.Array, params: dict[str, jax.Array], cfg: AugmentConfi
   Equal to `apply_numpy` per image (to float32 rounding). Per-sample choices are vectorised
   masks (`where`) and a vmapped `dynamic_slice` for the crop; no Python loop over the batch.
   Crop offsets outside [0, 2 * pad] cannot raise under jit; `dynamic_slice` clamps them.
+  The same as `apply_jax_tensor(apply_jax_pixels(images, params, cfg), params, cfg)`: the
+  two halves let a method change the augmented pixels before normalisation (BDF derives its
+  images there, `maumjax.data.derive`).
 
   Args:
     images: uint8 [B, H, W, 3].
@@ -383,14 +386,29 @@ def apply_jax(images: jax.Array, params: dict[str, jax.Array], cfg: AugmentConfi
   Returns:
     float32 [B, H, W, 3], normalised.
   """
+  return apply_jax_tensor(apply_jax_pixels(images, params, cfg), params, cfg)
+
+
+def _per_sample(params: dict[str, jax.Array], name: str) -> jax.Array:
+  """[B] parameter -> [B, 1, 1], to broadcast against [B, H, W]."""
+  return jnp.asarray(params[name])[:, None, None]
+
+
+def apply_jax_pixels(images: jax.Array, params: dict[str, jax.Array],
+                     cfg: AugmentConfig) -> jax.Array:
+  """The pixel half of `apply_jax`: pad, crop, flip and greyscale on uint8 images.
+
+  Args:
+    images: uint8 [B, H, W, 3].
+    params: `PARAM_KEYS` -> [B].
+    cfg: the config the parameters were drawn with (static).
+
+  Returns:
+    uint8 [B, H, W, 3], the augmented pixels before normalisation.
+  """
   images = jnp.asarray(images)
   _check_images(images.shape, images.dtype, 4)
   _, h, w, _ = images.shape
-
-  def per_sample(name: str) -> jax.Array:
-    # [B] -> [B, 1, 1] to broadcast against [B, H, W].
-    return jnp.asarray(params[name])[:, None, None]
-
   x = images
   if cfg.pad > 0:
     p = cfg.pad
@@ -402,20 +420,39 @@ def apply_jax(images: jax.Array, params: dict[str, jax.Array], cfg: AugmentConfi
     x = jax.vmap(crop)(padded, jnp.asarray(params["crop_y"], jnp.int32),
                        jnp.asarray(params["crop_x"], jnp.int32))
   if cfg.flip_p > 0:
-    x = jnp.where(per_sample("flip")[..., None], x[:, :, ::-1], x)
+    x = jnp.where(_per_sample(params, "flip")[..., None], x[:, :, ::-1], x)
   if cfg.gray_p > 0:
-    x = jnp.where(per_sample("gray")[..., None], _pil_gray(x, jnp), x)
-  y = _normalize_jnp(x, cfg.mean, cfg.std)
+    x = jnp.where(_per_sample(params, "gray")[..., None], _pil_gray(x, jnp), x)
+  return x
+
+
+def apply_jax_tensor(pixels: jax.Array, params: dict[str, jax.Array],
+                     cfg: AugmentConfig) -> jax.Array:
+  """The tensor half of `apply_jax`: normalise, random erasing, channel operation.
+
+  Args:
+    pixels: [B, H, W, 3] on the 0..255 scale: uint8 from `apply_jax_pixels`, or float (e.g.
+      the output of a learnable colour map, which must stay differentiable).
+    params: `PARAM_KEYS` -> [B].
+    cfg: the config the parameters were drawn with (static).
+
+  Returns:
+    float32 [B, H, W, 3].
+  """
+  if pixels.ndim != 4 or pixels.shape[-1] != 3:
+    raise ValueError(f"expected pixels [B, H, W, 3], got {pixels.shape}")
+  _, h, w, _ = pixels.shape
+  y = _normalize_jnp(pixels, cfg.mean, cfg.std)
   if cfg.erase_p > 0:
     rows = jnp.arange(h)[None, :, None]
     cols = jnp.arange(w)[None, None, :]
-    ey, ex = per_sample("erase_y"), per_sample("erase_x")
-    inside = ((rows >= ey) & (rows < ey + per_sample("erase_h"))
-              & (cols >= ex) & (cols < ex + per_sample("erase_w")))
-    mask = per_sample("erase") & inside
+    ey, ex = _per_sample(params, "erase_y"), _per_sample(params, "erase_x")
+    inside = ((rows >= ey) & (rows < ey + _per_sample(params, "erase_h"))
+              & (cols >= ex) & (cols < ex + _per_sample(params, "erase_w")))
+    mask = _per_sample(params, "erase") & inside
     y = jnp.where(mask[..., None], jnp.asarray(cfg.erase_fill, jnp.float32), y)
   if cfg.channel_mode != "none":
-    k = per_sample("channel")
+    k = _per_sample(params, "channel")
     single = jnp.where(k == 0, y[..., 0], jnp.where(k == 1, y[..., 1], y[..., 2]))
     single = jnp.where(k == 3, _caj_luma(y), single)
     y = jnp.where((k >= 0)[..., None], single[..., None], y)

@@ -246,20 +246,38 @@ class _LoadPair:
     return out
 
 
-def device_augment(batch: dict[str, Any], config: PipelineConfig) -> dict[str, Any]:
+def device_augment(batch: dict[str, Any], config: PipelineConfig, *,
+                   keep_pixels: bool = False) -> dict[str, Any]:
   """Applies the shipped augmentation parameters to uint8 images, inside a jitted step.
 
   With `augment_on='host'` the batch is returned unchanged. Otherwise each modality's
   'image' becomes the float32 normalised, augmented image, exactly as the host path computes
   it (`maumjax.data.augment.apply_jax` equals `apply_numpy`).
+
+  Args:
+    batch: one device's batch, `{'rgb': {'image' uint8, 'aug', ...}, 'ir': {...}, ...}`.
+    config: the pipeline config (augmentation presets, `augment_on`).
+    keep_pixels: also keep, per modality, 'raw' (the shipped uint8 images), 'pixels' (the
+      augmented uint8 pixels before normalisation, `augment.apply_jax_pixels`) and 'aug' (the
+      parameters), for a method that makes more inputs from them on the device (BDF).
+
+  Raises:
+    ValueError: `keep_pixels` with `augment_on='host'` (the batch holds no pixels then).
   """
   if config.augment_on == "host":
+    if keep_pixels:
+      raise ValueError("this method derives images from the augmented pixels on the device; "
+                       "set data.pipeline.augment_on='device' (it is 'host')")
     return batch
   out = dict(batch)
   for name, preset in (("rgb", config.augment_rgb), ("ir", config.augment_ir)):
     part = dict(batch[name])
-    part["image"] = augment_lib.apply_jax(part["image"], part.pop("aug"),
-                                          augment_lib.preset(preset))
+    cfg = augment_lib.preset(preset)
+    aug = part.pop("aug")
+    pixels = augment_lib.apply_jax_pixels(part["image"], aug, cfg)
+    if keep_pixels:
+      part.update(raw=part["image"], pixels=pixels, aug=aug)
+    part["image"] = augment_lib.apply_jax_tensor(pixels, aug, cfg)
     out[name] = part
   return out
 

@@ -18,6 +18,7 @@ from maumjax.losses.bdf import (
   did_loss,
   mdl_loss,
   mml_loss,
+  mml_mdl_losses,
 )
 from maumjax.losses.center import center_cluster_loss
 from maumjax.losses.distill import KL_DIRECTIONS, mutual_mean_kl
@@ -56,6 +57,7 @@ __all__ = [
   "MDL_PAIRS",
   "METRICS",
   "MML_PAIRS",
+  "mml_mdl_losses",
   "batch_hard_triplet",
   "batch_hard_triplet_per_anchor",
   "batch_hard_triplet_with_stats",

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from maumjax.losses.identity import softmax_cross_entropy
-from maumjax.losses.triplet import cross_modal_triplet
+from maumjax.losses.triplet import cross_modal_triplet, cross_modal_triplet_per_pair
 
 GROUP_NAMES = ("V", "I", "V^", "I^")  # group ids 0, 1, 2, 3 of the [V; I; V^; I^] blocks
 # MML: Tri(f_m; f_m) for every mode, plus the homologous pairs V -> V^ and I -> I^.
@@ -104,3 +104,32 @@ def mdl_loss(feats: jax.Array, labels: jax.Array, *, margin: float = 0.3,
   """
   n = _check_layout(feats.shape[0], labels, "mdl_loss")
   return cross_modal_triplet(feats, labels, block_groups(n), pairs=pairs, margin=margin)
+
+
+def mml_mdl_losses(feats: jax.Array, labels: jax.Array, *, margin: float = 0.3,
+                   mml_pairs: tuple[tuple[int, int], ...] = MML_PAIRS,
+                   mdl_pairs: tuple[tuple[int, int], ...] = MDL_PAIRS,
+                   groups: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """MML and MDL from ONE distance matrix over the batch (bdf.md §8): equal to
+  `(mml_loss(feats, labels, pairs=mml_pairs), mdl_loss(feats, labels, pairs=mdl_pairs))`.
+
+  Args:
+    feats: [4n, D] pre-BN features, [V; I; V^; I^] (or any layout with `groups`).
+    labels: [4n] int.
+    margin: triplet margin (0.3).
+    mml_pairs, mdl_pairs: the directions of each loss; an empty tuple gives 0 for that loss.
+    groups: [N] group ids; default `block_groups(N // 4)`.
+
+  Returns:
+    (mml, mdl), scalars float32, each the mean over its directions.
+  """
+  if groups is None:
+    groups = block_groups(_check_layout(feats.shape[0], labels, "mml_mdl_losses"))
+  pairs = tuple(mml_pairs) + tuple(mdl_pairs)
+  if not pairs:
+    zero = jnp.zeros((), jnp.float32)
+    return zero, zero
+  per_pair = cross_modal_triplet_per_pair(feats, labels, groups, pairs=pairs, margin=margin)
+  k = len(mml_pairs)
+  mean = lambda x: jnp.mean(x) if x.shape[0] else jnp.zeros((), jnp.float32)  # noqa: E731
+  return mean(per_pair[:k]), mean(per_pair[k:])

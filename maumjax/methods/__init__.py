@@ -7,9 +7,9 @@ them. Add a method by writing `methods/<name>.py` and listing it here.
 
 from __future__ import annotations
 
-from maumjax.methods import api, maum, mpanet
+from maumjax.methods import api, bdf, maum, mpanet
 
-METHODS = {"maum": maum, "mpanet": mpanet}
+METHODS = {"maum": maum, "mpanet": mpanet, "bdf": bdf}
 
 
 def get(name: str):

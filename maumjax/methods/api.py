@@ -175,12 +175,16 @@ class StepParts:
       proxies and its optional proxy renormalisation, MMM's memory update); None keeps both.
       `finite` (bool scalar) is False for a step the skeleton will not apply: the method must
       then leave its state as `before` left it (gate its writes with it).
+    pixels: the loss also gets each modality's 'raw' (shipped uint8), 'pixels' (augmented
+      uint8 before normalisation) and 'aug' (augmentation parameters), for a method that makes
+      further inputs on the device (BDF's derivative images; `pipeline.device_augment`).
   """
 
   loss: LossFn
   weights: Mapping[str, float]
   before: Callable[[state_lib.TrainState], Any] | None = None
   after: Callable[[state_lib.TrainState, Any, jax.Array], tuple[Any, Any]] | None = None
+  pixels: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

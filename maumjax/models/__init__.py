@@ -5,6 +5,7 @@ Modules:
   heads    GeM/average pooling, BN-neck, global head, PCB-style part head.
   reid     ReidNet: modality-specific early stages, shared trunk, heads; `embed` for testing.
   mpanet   MPANet: single-stream ResNet with modality alleviation and pattern alignment.
+  bdf      BDFNet: one ResNet over [V; I; V^; I^] (shared, by-origin or four stems).
   weights  torch-free reading of torchvision checkpoints, conversion, strict loading.
 
 `MODELS` maps a config's `model.name` to its Flax module; `model_from_config` builds one from a
@@ -18,6 +19,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from maumjax.models.bdf import BDFNet
 from maumjax.models.heads import BNNeck, GlobalHead, PartHead, avg_pool, gem_pool
 from maumjax.models.mpanet import MPANet
 from maumjax.models.reid import MODALITY_IR, MODALITY_RGB, ReidNet, head_dims, param_groups
@@ -30,7 +32,7 @@ from maumjax.models.weights import (
   torchvision_to_flax,
 )
 
-MODELS = {"reid": ReidNet, "mpanet": MPANet}
+MODELS = {"reid": ReidNet, "mpanet": MPANet, "bdf": BDFNet}
 # Keys of a config's model section that configure the run, not the module.
 NON_MODULE_KEYS = ("name", "pretrained", "sync_bn")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -60,7 +62,7 @@ def model_from_config(model_cfg: Mapping[str, Any], **overrides):
 
 
 __all__ = [
-  "MODELS", "model_from_config", "head_dims", "param_groups",
+  "MODELS", "model_from_config", "head_dims", "param_groups", "BDFNet", "MPANet",
   "ARCHS", "MODALITY_IR", "MODALITY_RGB", "ArchSpec", "BNNeck", "GlobalHead", "LoadReport",
   "PartHead", "ReidNet", "ResNet", "avg_pool", "feature_map_size", "gem_pool", "load_backbone",
   "read_state_dict", "sha256", "stage_output_channels", "torchvision_to_flax",

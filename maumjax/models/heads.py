@@ -30,6 +30,14 @@ from maumjax.models.resnet import BN_EPSILON, BN_MOMENTUM
 POOLS = ("gem", "avg")
 
 
+def check_num_classes(model: str, num_classes: int | None) -> None:
+  """Raises unless a model with a classifier got its number of training identities."""
+  if num_classes is None or num_classes < 1:
+    raise ValueError(
+        f"{model} needs num_classes >= 1 (the training identities), got {num_classes}; "
+        f"pass it as model_from_config(cfg, num_classes=...)")
+
+
 def gem_pool(x: jax.Array, p: float = 3.0, eps: float = 1e-6) -> jax.Array:
   """Generalised-mean pooling over height and width.
 

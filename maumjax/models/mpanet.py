@@ -42,7 +42,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from maumjax.models.heads import BNNeck
+from maumjax.models.heads import BNNeck, check_num_classes
 from maumjax.models.resnet import ResNet, conv_kernel_init, get_arch, stage_output_channels
 
 MAM_VARIANTS = ("mam", "se", "in")
@@ -266,10 +266,7 @@ class MPANet(nn.Module):
 
   def setup(self) -> None:
     get_arch(self.arch)
-    if self.num_classes is None or self.num_classes < 1:
-      raise ValueError(
-          f"MPANet needs num_classes >= 1 (the training identities), got {self.num_classes}; "
-          f"pass it as model_from_config(cfg, num_classes=...)")
+    check_num_classes("MPANet", self.num_classes)
     if self.modality_attention not in (0, 1, 2):
       raise ValueError(
           f"modality_attention must be 0 (no MAM), 1 (after layer4) or 2 (after layer3 and "

@@ -154,7 +154,8 @@ class ReidNet(nn.Module):
     return jnp.concatenate([f.reshape(f.shape[0], -1) for f in feats], axis=-1)
 
 
-BACKBONE_MODULES = ("rgb", "ir", "shared")
+# The derived stems are BDF's (`stems='four'`, maumjax/models/bdf.py).
+BACKBONE_MODULES = ("rgb", "ir", "shared", "rgb_derived", "ir_derived")
 
 
 def head_dims(model: ReidNet, variables,

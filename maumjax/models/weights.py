@@ -48,7 +48,7 @@ import ml_dtypes
 import numpy as np
 
 from maumjax.errors import UserError, one_line
-from maumjax.models.reid import ReidNet
+from maumjax.models.reid import BACKBONE_MODULES, ReidNet
 from maumjax.models.resnet import ARCHS, NUM_STAGES
 
 _STORAGE_DTYPES: dict[str, Any] = {
@@ -57,7 +57,6 @@ _STORAGE_DTYPES: dict[str, Any] = {
   "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8,
   "BoolStorage": np.bool_,
 }
-BACKBONE_MODULES = ("rgb", "ir", "shared")
 _COLLECTIONS = ("params", "batch_stats")
 # torch.save before 1.6 starts with this number, pickled (torch/serialization.py MAGIC_NUMBER).
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -716,7 +715,7 @@ def load_backbone(variables: Mapping[str, Any],
       mapped[collection, flax_path] = (
           key, perm, tuple(shape[i] for i in perm) if perm else tuple(shape))
   hint = (f"the checkpoint seems to be {_guess_arch(shapes)}, the model is "
-          f"ReidNet(arch={model.arch!r}); load a checkpoint of that arch or set "
+          f"{type(model).__name__}(arch={model.arch!r}); load a checkpoint of that arch or set "
           f"--config.model.arch to match")
 
   expected = (("rgb", "ir") if model.specific_stages > 0 else ()) + (
@@ -725,7 +724,7 @@ def load_backbone(variables: Mapping[str, Any],
   if missing:
     raise ValueError(
         f"variables have no params for backbone modules {missing} that "
-        f"ReidNet(specific_stages={model.specific_stages}) has; pass the variables from this "
+        f"{type(model).__name__}(specific_stages={model.specific_stages}) has; pass the variables from this "
         f"model's own init")
   plan = []  # (collection, module, flax path, torch key, perm, dtype), all shapes checked
   for collection in _COLLECTIONS:

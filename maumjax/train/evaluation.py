@@ -104,6 +104,9 @@ def check_config(config) -> None:
                           "it to N > 0 (an evaluation every N epochs)")
 
 
+_MISSING = object()
+
+
 class RunNotFoundError(errors.UserError, FileNotFoundError):
   """The run to evaluate is missing: no such folder, no config.json, no checkpoint, or none at
   the asked step (the message lists the steps there are)."""
@@ -205,13 +208,17 @@ def _checkpoint_step(workdir: Path, step: int | None) -> int:
 
 
 def evaluate_workdir(workdir: str | os.PathLike, *, step: int | None = None,
-                     overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+                     overrides: dict[str, Any] | None = None,
+                     model_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
   """Restores a run's checkpoint and evaluates it with the full protocol.
 
   Args:
     workdir: a run directory (config.json + checkpoints/).
     step: checkpoint step (default: latest).
     overrides: replacements for fields of the config's `eval` section.
+    model_overrides: replacements for test-time fields of the config's `model` section (BDF's
+      `tta_derivative`); each must be a field the run's model section has, with a value of
+      the same type. The results then go to `eval_step<step>_<field>-<value>...`.
 
   Returns:
     `result_record(report)` (units, summary, table, protocol; percent) plus 'step' and
@@ -222,18 +229,29 @@ def evaluate_workdir(workdir: str | os.PathLike, *, step: int | None = None,
     RunNotFoundError: (a `UserError` and `FileNotFoundError`) the workdir does not exist, has no
       config.json, has no checkpoint, or has none at `step` (the message lists the steps it
       has); checked before any data is prepared.
-    RunConfigError: (a `UserError` and `ValueError`) config.json is not a run config.
+    RunConfigError: (a `UserError` and `ValueError`) config.json is not a run config, or a
+      model override names a field it lacks or has a value of another type.
   """
   workdir = Path(workdir).absolute()
   config = _read_config(workdir)
   step = _checkpoint_step(workdir, step)
   config["eval"].update(overrides or {})
+  suffix = ""
+  for field, value in (model_overrides or {}).items():
+    old = config["model"].get(field, _MISSING)
+    if old is _MISSING or type(old) is not type(value):
+      raise RunConfigError(
+          f"model override {field}={value!r}: the run's model section has "
+          + ("no such field" if old is _MISSING else f"{field}={old!r} ({type(old).__name__})")
+          + f"; its fields are {sorted(config['model'])}")
+    config["model"][field] = value
+    suffix += f"_{field}-{value}"
   method = methods.get(config["method"])
   prepared, _, pipe, _ = inputs.prepare(config)
   setup = method.init(config, inputs.data_info(pipe, config), seed=config["seed"])
   with checkpoint_lib.Checkpointer(workdir) as ckpt:
     state, meta = ckpt.restore(setup.state, step)
-  out_dir = workdir / f"eval_step{meta['step']}"
+  out_dir = workdir / f"eval_step{meta['step']}{suffix}"
   report = evaluate(method, setup, state, prepared, config, full=True, out_dir=out_dir)
   result = {**result_record(report), "step": meta["step"], "out_dir": str(out_dir)}
   (out_dir / "metrics.json").write_text(json.dumps(result, indent=1))

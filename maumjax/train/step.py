@@ -5,7 +5,8 @@
 
 For ONE device's shard of the global batch, in pmap semantics (`maumjax.train.parallel`):
 
-1. on-device augmentation of the shipped uint8 images (`pipeline.device_augment`);
+1. on-device augmentation of the shipped uint8 images (`pipeline.device_augment`; with
+   `parts.pixels` the augmented uint8 pixels stay in the batch for the method);
 2. `parts.before(state)`: method state the loss reads (MAUM's bank fill at the phase start);
 3. the loss and its gradient: the method's named terms, weighted by the explicit
    `parts.weights`; every device computes the loss of the global batch (the method gathers
@@ -73,7 +74,7 @@ def make_train_step(parts: api.StepParts, *, tx: optax.GradientTransformation,
     return total / ctx.devices, (total, terms, batch_stats)
 
   def step(state: state_lib.TrainState, batch: Mapping[str, Any]):
-    batch = pipeline_lib.device_augment(batch, pipeline)
+    batch = pipeline_lib.device_augment(batch, pipeline, keep_pixels=parts.pixels)
     rng = jax.random.fold_in(state.rng, state.step)
     if parts.before is not None:
       state = state.replace(method_state=parts.before(state))

@@ -70,3 +70,22 @@ def test_mml_and_mdl_are_the_means_of_their_directions():
   assert len(losses.MDL_PAIRS) == 8 and not set(losses.MDL_PAIRS) & set(losses.MML_PAIRS)
   # No MDL direction pairs a mode with itself or its own derivative (groups m and m + 2).
   assert all(a != b and abs(a - b) != 2 for a, b in losses.MDL_PAIRS)
+
+
+def test_mml_and_mdl_from_one_matrix_equal_the_separate_losses():
+  feats, labels, groups = _batch(4)
+  f64 = feats.astype(np.float64)
+  fn = jax.jit(losses.mml_mdl_losses, static_argnames=("mml_pairs", "mdl_pairs"))
+  mml, mdl = fn(feats, labels)
+  np.testing.assert_allclose(mml, losses.mml_loss(feats, labels), rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(mdl, losses.mdl_loss(feats, labels), rtol=1e-6, atol=1e-7)
+  # Switching one MDL direction off changes only MDL, to the mean of the seven left.
+  seven = losses.MDL_PAIRS[1:]
+  mml2, mdl2 = fn(feats, labels, mdl_pairs=seven)
+  np.testing.assert_allclose(mml2, mml, rtol=1e-6)
+  want = np.mean([_numpy_direction(f64, labels, groups, a, b, 0.3) for a, b in seven])
+  np.testing.assert_allclose(mdl2, want, rtol=1e-4, atol=1e-5)
+  # An empty set gives 0 for that loss; the other is unchanged.
+  mml3, mdl3 = fn(feats, labels, mdl_pairs=())
+  assert float(mdl3) == 0.0
+  np.testing.assert_allclose(mml3, mml, rtol=1e-6)

@@ -151,7 +151,7 @@ def test_bad_relabelling_is_a_clear_error(toy, monkeypatch, tmp_path):
 def test_unknown_names_list_the_valid_ones():
   with pytest.raises(ValueError, match=r"unknown method 'nope'; choose one of \('maum',"):
     methods.get("nope")
-  with pytest.raises(ValueError, match=r"model.name='nope'; choose one of \('reid', 'mpanet'\)"):
+  with pytest.raises(ValueError, match=r"model.name='nope'; choose one of \('reid', 'mpanet', 'bdf'\)"):
     models.model_from_config({"name": "nope"})
   with pytest.raises(TypeError, match=r"lacks \['phase'"):
     api.check_method(types.SimpleNamespace(init=print), "half")
