@@ -20,7 +20,8 @@ The reconstruction's switches (bdf.md §7) are fields: the I^ derivation
 `--config.model.derive_ir=` contrast_gamma (default) | learnable_1x1 | hist_eq | invert |
 pseudocolor; `--config.model.stems=` shared | by_origin | four; `--config.model.tta_derivative`;
 `--config.loss.derive_where=` after_augment | before_augment; `--config.loss.did_mode=` ce |
-ce_plus_consistency; `--config.loss.homologous=` intra | cross. Every switch and its default
+ce_plus_consistency; `--config.loss.homologous=` intra | cross; `--config.loss.family=`
+batch_hard | center. Every switch and its default
 is documented in `maumjax/methods/bdf.py` (LossConfig) and `maumjax/models/bdf.py` (BDFNet).
 
 Poster numbers (single-shot, bdf.md §6): SYSU all-search R1 51.05 / mAP 49.63, indoor-search
@@ -46,7 +47,7 @@ def _loss() -> dict:
   """bdf.md §4, §7 defaults (all [I])."""
   return dict(derivatives=True, derive_where="after_augment", w_id=1.0, did_mode="ce",
               label_smoothing=0.0, tri=False, w_tri=1.0, mml=True, w_mml=1.0, mdl=True,
-              w_mdl=1.0, margin=0.3, homologous="intra")
+              w_mdl=1.0, margin=0.3, family="batch_hard", homologous="intra")
 
 
 def _model() -> dict:

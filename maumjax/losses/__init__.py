@@ -13,6 +13,7 @@ Modules:
 
 from maumjax.losses.bdf import (
   DID_MODES,
+  FAMILIES,
   MDL_PAIRS,
   MML_PAIRS,
   did_loss,
@@ -44,6 +45,7 @@ from maumjax.losses.triplet import (
   batch_hard_triplet_per_anchor,
   batch_hard_triplet_with_stats,
   cosine_distances,
+  cross_modal_center_triplet_per_pair,
   cross_modal_triplet,
   cross_modal_triplet_per_pair,
   euclidean_distances,
@@ -53,6 +55,7 @@ from maumjax.losses.triplet import (
 __all__ = [
   "DID_MODES",
   "DISTANCES",
+  "FAMILIES",
   "KL_DIRECTIONS",
   "MDL_PAIRS",
   "METRICS",
@@ -64,6 +67,7 @@ __all__ = [
   "center_cluster_loss",
   "circle_loss",
   "cosine_distances",
+  "cross_modal_center_triplet_per_pair",
   "cross_modal_triplet",
   "cross_modal_triplet_per_pair",
   "did_loss",

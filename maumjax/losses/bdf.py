@@ -13,7 +13,11 @@ import jax
 import jax.numpy as jnp
 
 from maumjax.losses.identity import softmax_cross_entropy
-from maumjax.losses.triplet import cross_modal_triplet, cross_modal_triplet_per_pair
+from maumjax.losses.triplet import (
+  cross_modal_center_triplet_per_pair,
+  cross_modal_triplet,
+  cross_modal_triplet_per_pair,
+)
 
 GROUP_NAMES = ("V", "I", "V^", "I^")  # group ids 0, 1, 2, 3 of the [V; I; V^; I^] blocks
 # MML: Tri(f_m; f_m) for every mode, plus the homologous pairs V -> V^ and I -> I^.
@@ -21,6 +25,11 @@ MML_PAIRS = ((0, 0), (1, 1), (2, 2), (3, 3), (0, 2), (1, 3))
 # MDL: the 8 ordered heterogeneous directions (no mode with itself or its own derivative).
 MDL_PAIRS = ((0, 1), (1, 0), (2, 1), (1, 2), (0, 3), (3, 0), (2, 3), (3, 2))
 DID_MODES = ("ce", "ce_plus_consistency")
+# The triplet's form in MML / MDL (bdf.md §7 row 3): over single images (default) or over
+# identity centres. (BDTR's bi-directional top-ranking loss is the batch-hard form per
+# direction, so it is the default.)
+FAMILIES = {"batch_hard": cross_modal_triplet_per_pair,
+            "center": cross_modal_center_triplet_per_pair}
 
 
 def block_groups(n: int) -> jax.Array:
@@ -109,7 +118,8 @@ def mdl_loss(feats: jax.Array, labels: jax.Array, *, margin: float = 0.3,
 def mml_mdl_losses(feats: jax.Array, labels: jax.Array, *, margin: float = 0.3,
                    mml_pairs: tuple[tuple[int, int], ...] = MML_PAIRS,
                    mdl_pairs: tuple[tuple[int, int], ...] = MDL_PAIRS,
-                   groups: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                   groups: jax.Array | None = None,
+                   family: str = "batch_hard") -> tuple[jax.Array, jax.Array]:
   """MML and MDL from ONE distance matrix over the batch (bdf.md §8): equal to
   `(mml_loss(feats, labels, pairs=mml_pairs), mdl_loss(feats, labels, pairs=mdl_pairs))`.
 
@@ -119,17 +129,21 @@ def mml_mdl_losses(feats: jax.Array, labels: jax.Array, *, margin: float = 0.3,
     margin: triplet margin (0.3).
     mml_pairs, mdl_pairs: the directions of each loss; an empty tuple gives 0 for that loss.
     groups: [N] group ids; default `block_groups(N // 4)`.
+    family: 'batch_hard' (single images, default) or 'center' (identity centres,
+      `cross_modal_center_triplet_per_pair`), a key of `FAMILIES`.
 
   Returns:
     (mml, mdl), scalars float32, each the mean over its directions.
   """
+  if family not in FAMILIES:
+    raise ValueError(f"unknown triplet family {family!r}; use one of {tuple(FAMILIES)}")
   if groups is None:
     groups = block_groups(_check_layout(feats.shape[0], labels, "mml_mdl_losses"))
   pairs = tuple(mml_pairs) + tuple(mdl_pairs)
   if not pairs:
     zero = jnp.zeros((), jnp.float32)
     return zero, zero
-  per_pair = cross_modal_triplet_per_pair(feats, labels, groups, pairs=pairs, margin=margin)
+  per_pair = FAMILIES[family](feats, labels, groups, pairs=pairs, margin=margin)
   k = len(mml_pairs)
   mean = lambda x: jnp.mean(x) if x.shape[0] else jnp.zeros((), jnp.float32)  # noqa: E731
   return mean(per_pair[:k]), mean(per_pair[k:])

@@ -148,6 +148,12 @@ def batch_hard_triplet(
   return batch_hard_triplet_with_stats(feats, labels, margin=margin, metric=metric)[0]
 
 
+def _check_grouped(feats: jax.Array, labels: jax.Array, groups: jax.Array) -> None:
+  if feats.ndim != 2 or labels.shape != feats.shape[:1] or groups.shape != feats.shape[:1]:
+    raise ValueError(f"feats must be [N, D], labels and groups [N]; got {feats.shape}, "
+                     f"{labels.shape} and {groups.shape}")
+
+
 def cross_modal_triplet_per_pair(
   feats: jax.Array,
   labels: jax.Array,
@@ -181,9 +187,7 @@ def cross_modal_triplet_per_pair(
   References: bdf.md §4 (Tri(A; B)) and §8 (one matrix, block masks); AGW `TripletLoss`.
   """
   distances = _distance_fn(metric)
-  if feats.ndim != 2 or labels.shape != feats.shape[:1] or groups.shape != feats.shape[:1]:
-    raise ValueError(f"feats must be [N, D], labels and groups [N]; got {feats.shape}, "
-                     f"{labels.shape} and {groups.shape}")
+  _check_grouped(feats, labels, groups)
   if not pairs:
     raise ValueError("pairs is empty: give at least one (anchor group, target group)")
   feats = feats.astype(jnp.promote_types(feats.dtype, jnp.float32))
@@ -221,3 +225,38 @@ def cross_modal_triplet(
   """
   return jnp.mean(cross_modal_triplet_per_pair(feats, labels, groups, pairs=pairs,
                                                margin=margin, metric=metric))
+
+
+def cross_modal_center_triplet_per_pair(feats: jax.Array, labels: jax.Array, groups: jax.Array,
+                                        *, pairs: tuple[tuple[int, int], ...],
+                                        margin: float = 0.3,
+                                        metric: str = "euclidean") -> jax.Array:
+  """The center-based form of `cross_modal_triplet_per_pair`: the batch-hard triplet of each
+  direction over identity centres instead of single images (the hetero-center triplet's idea,
+  Liu et al. 2020, bdf.md §7 row 3's alternative).
+
+  c_g(k) is the mean feature of identity k's rows in group g. For direction (a, b), each
+  identity k present in both groups is an anchor: relu(d(c_a(k), c_b(k)) - min_{j != k}
+  d(c_a(k), c_b(j)) + margin), the minimum over identities present in b. The direction's loss
+  is the mean over its anchors, each identity weighted by its number of rows in the batch (equal
+  weights under P x K sampling). Computed as `cross_modal_triplet_per_pair` on the stacked
+  centres, so again from one distance matrix.
+
+  Args and returns: as `cross_modal_triplet_per_pair`; `groups` values must be the group ids
+  used in `pairs` (other rows are ignored).
+  """
+  _check_grouped(feats, labels, groups)
+  feats = feats.astype(jnp.promote_types(feats.dtype, jnp.float32))
+  used = sorted({g for pair in pairs for g in pair})
+  same = labels[:, None] == labels[None, :]  # [N, N]
+  centres, centre_groups = [], []
+  for g in used:
+    member = (same & (groups[None, :] == g)).astype(feats.dtype)  # [N, N]: row i's identity in g
+    count = jnp.sum(member, axis=1, keepdims=True)
+    centres.append((member @ feats) / jnp.maximum(count, 1.0))
+    # A row whose identity has no image in g has no centre there: it takes part in nothing.
+    centre_groups.append(jnp.where(count[:, 0] > 0, g, -1))
+  n_used = len(used)
+  return cross_modal_triplet_per_pair(
+      jnp.concatenate(centres), jnp.tile(labels, n_used), jnp.concatenate(centre_groups),
+      pairs=pairs, margin=margin, metric=metric)

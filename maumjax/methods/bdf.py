@@ -76,6 +76,9 @@ class LossConfig:
     mml: L_MML on; w_mml its weight lambda1 (1).
     mdl: L_MDL on; w_mdl its weight lambda2 (1).
     margin: triplet margin rho of every triplet term (0.3).
+    family: MML / MDL's triplet form, 'batch_hard' (single images, default; per direction it
+      is BDTR's bi-directional top-ranking loss) or 'center' (over identity centres, the
+      hetero-center idea). bdf.md §7 row 3.
     homologous: 'intra' (default: V -> V^ and I -> I^ are MML terms) or 'cross' (V <-> V^ and
       I <-> I^, both directions, are MDL terms). bdf.md §7 row 4.
   """
@@ -92,12 +95,14 @@ class LossConfig:
   mdl: bool = True
   w_mdl: float = 1.0
   margin: float = 0.3
+  family: str = "batch_hard"
   homologous: str = "intra"
 
   def __post_init__(self):
     for name, value, choices in (("derive_where", self.derive_where, DERIVE_WHERE),
                                  ("did_mode", self.did_mode, losses.DID_MODES),
-                                 ("homologous", self.homologous, HOMOLOGOUS)):
+                                 ("homologous", self.homologous, HOMOLOGOUS),
+                                 ("family", self.family, tuple(losses.FAMILIES))):
       if value not in choices:
         raise ValueError(f"loss.{name}={value!r}; choose one of {choices}")
     if not self.derivatives and self.did_mode != "ce":
@@ -166,6 +171,17 @@ def phase(setup: api.Setup, epoch: int) -> int:
   return 0
 
 
+def describe_phase(setup: api.Setup, phase_: int) -> str | None:
+  """The line printed at the start: what the network sees besides the shipped images."""
+  del phase_
+  loss, model = setup.config.loss, setup.model
+  if not loss.derivatives:
+    return "bdf: base row, the network sees the [V; I] batch only (no derivatives)"
+  return (f"bdf: each step derives V^ ({model.derive_vis}) and I^ ({model.derive_ir}) "
+          f"{loss.derive_where.replace('_', ' ')}: the network sees [V; I; V^; I^], twice the "
+          "shipped images")
+
+
 def loss_weights(loss: LossConfig) -> dict[str, float]:
   """{term: weight} of the enabled terms: 'did' ('id' without derivatives), 'tri', 'mml',
   'mdl'."""
@@ -205,6 +221,7 @@ def compute_losses(out: dict[str, jax.Array], labels: jax.Array,
     mml_pairs, mdl_pairs = loss.pairs()
     groups = jnp.repeat(jnp.arange(blocks, dtype=jnp.int32), n)
     mml, mdl = losses.mml_mdl_losses(out["feat"], labels, margin=loss.margin, groups=groups,
+                                     family=loss.family,
                                      mml_pairs=mml_pairs if loss.mml else (),
                                      mdl_pairs=mdl_pairs if loss.mdl else ())
     if loss.mml:

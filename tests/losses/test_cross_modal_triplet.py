@@ -102,3 +102,38 @@ def test_anchors_without_a_positive_are_left_out_and_bad_input_is_refused():
     losses.cross_modal_triplet(feats, labels, groups, pairs=())
   with pytest.raises(ValueError, match="labels and groups"):
     losses.cross_modal_triplet(feats, labels, groups[:2], pairs=((0, 0),))
+
+
+def _numpy_center_direction(feats, labels, groups, a, b, margin):
+  """The center form of one direction, identity by identity (each weighted by its rows)."""
+  ids_a = [k for k in np.unique(labels) if np.any((groups == a) & (labels == k))]
+  ids_b = [k for k in np.unique(labels) if np.any((groups == b) & (labels == k))]
+  centre = lambda g, k: feats[(groups == g) & (labels == k)].mean(0)  # noqa: E731
+  dist = lambda x, y: np.sqrt(max(((x - y) ** 2).sum(), 1e-12))  # noqa: E731
+  vals, weights = [], []
+  for k in ids_a:
+    if k not in ids_b:
+      continue
+    d_ap = dist(centre(a, k), centre(b, k))
+    negs = [dist(centre(a, k), centre(b, j)) for j in ids_b if j != k]
+    vals.append(max(d_ap - (min(negs) if negs else np.inf) + margin, 0.0))
+    weights.append(np.sum(labels == k))  # rows of identity k in the whole batch
+  return float(np.average(vals, weights=weights)) if vals else 0.0
+
+
+def test_center_form_equals_a_numpy_loop_over_identity_centres():
+  feats, labels, groups = _batch(5, p=4, k=2)
+  # Uneven rows: drop identity labels[0] from group 3 (it is then no anchor of (3, *) and no
+  # target of (*, 3)), so the 'present in both groups' rule is exercised.
+  keep = ~((groups == 3) & (labels == labels[0]))
+  feats, labels, groups = feats[keep], labels[keep], groups[keep]
+  pairs = MML + MDL
+  got = jax.jit(lambda f: losses.cross_modal_center_triplet_per_pair(
+      f, jnp.asarray(labels), jnp.asarray(groups), pairs=pairs, margin=0.3))(feats)
+  want = [_numpy_center_direction(feats.astype(np.float64), labels, groups, a, b, 0.3)
+          for a, b in pairs]
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+  # The gradient of the centre form is finite and reaches every row.
+  g = jax.grad(lambda f: jnp.sum(losses.cross_modal_center_triplet_per_pair(
+      f, jnp.asarray(labels), jnp.asarray(groups), pairs=pairs, margin=1.0)))(feats)
+  assert np.all(np.isfinite(g)) and np.all(np.abs(g).sum(1) > 0)

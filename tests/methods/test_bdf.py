@@ -140,6 +140,7 @@ def test_learnable_map_starts_at_the_identity_and_gets_the_gradient():
   batch = _augmented(_shipped(4))
   parts = bdf.step_parts(setup, 0, _ctx())
   assert parts.pixels
+  assert "I^ (learnable_1x1) after augment" in bdf.describe_phase(setup, 0)
   i_hat = _derive(setup, batch["ir"], jax.random.key(0), infrared=True,
                   where="after_augment", cfg=CFG)
   np.testing.assert_allclose(i_hat, batch["ir"]["image"], atol=1e-4)  # I^ = I at the start
@@ -197,6 +198,14 @@ def test_terms_match_a_direct_computation(homologous, full_setup):
     mml, mdl = intra, hetero + base_pairs + [tri(2, 0), tri(3, 1)]
   np.testing.assert_allclose(terms["mml"], np.mean(mml), rtol=1e-5)
   np.testing.assert_allclose(terms["mdl"], np.mean(mdl), rtol=1e-5)
+  # The center family goes through the same directions (its loss is tested on its own).
+  center = bdf.compute_losses(out, jnp.asarray(labels), bdf.LossConfig(homologous=homologous,
+                                                                       family="center"))
+  per = losses.cross_modal_center_triplet_per_pair(
+      out["feat"], jnp.asarray(labels), jnp.repeat(jnp.arange(4), N), pairs=loss.pairs()[1],
+      margin=0.3)
+  np.testing.assert_allclose(center["mdl"], np.mean(per), rtol=1e-5)
+  assert abs(float(center["mdl"]) - float(terms["mdl"])) > 1e-4
 
 
 def test_base_row_is_identity_ce_and_agw_triplet_on_two_blocks():
@@ -206,6 +215,7 @@ def test_base_row_is_identity_ce_and_agw_triplet_on_two_blocks():
   assert loss.num_blocks == 2 and bdf.loss_weights(loss) == {"id": 1.0, "tri": 1.0}
   parts = bdf.step_parts(setup, 0, _ctx())
   assert not parts.pixels
+  assert "[V; I] batch only" in bdf.describe_phase(setup, 0)
   rng = np.random.default_rng(6)
   images = jnp.asarray(rng.normal(size=(2 * N, H, W, 3)), jnp.float32)
   labels = np.tile(np.repeat(np.arange(P), K), 2).astype(np.int32)
