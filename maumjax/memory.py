@@ -1,4 +1,12 @@
-"""Proxy memory banks for MAUM's memory-augmented unidirectional terms (pure functions).
+"""Memories carried through the train step as explicit state (pure functions).
+
+Cluster memories (MMM, mmm.md §5.4): `cluster_nce_loss` (re-exported from
+`maumjax.losses.cluster_nce`) scores features against a [C, D] memory of unit-norm cluster
+centres, and `update_cluster_memory` moves the rows towards the step's features afterwards;
+`maumjax.cluster.init_cluster_memory` builds the memory from cluster means at each
+re-clustering.
+
+Proxy memory banks for MAUM's memory-augmented unidirectional terms:
 
 A `ProxyBank` holds, per modality, K snapshots of the L2-normalised proxies of every head,
 `[K, H, C, D]`, and the next FIFO slot `ptr`. It is plain state carried in the train state (a
@@ -27,7 +35,10 @@ import jax.numpy as jnp
 
 from maumjax.losses.metric import l2_normalize
 
+from maumjax.losses.cluster_nce import cluster_nce_loss  # noqa: F401  (public here too)
+
 MODES = ("fifo", "ema")
+CLUSTER_UPDATES = ("sequential", "per_label_mean")
 
 
 class ProxyBank(NamedTuple):
@@ -197,3 +208,53 @@ def bank_bytes(bank: ProxyBank | None) -> int:
   if bank is None:
     return 0
   return sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(bank))
+
+
+def update_cluster_memory(memory: jax.Array, feats: jax.Array, labels: jax.Array, *,
+                          momentum: float = 0.1, mode: str = "sequential") -> jax.Array:
+  """The cluster memory's momentum update after a step (mmm.md §5.4, §12).
+
+  'sequential' (the code): for each sample i in batch order,
+  M[y_i] <- normalise(m M[y_i] + (1 - m) normalise(x_i)), a `lax.scan` over the batch, so with
+  m = 0.1 the last of several samples sharing a label dominates. 'per_label_mean' (a documented
+  deviation, one vectorised update per label): M[c] <- normalise(m M[c] + (1 - m) mean of the
+  normalised x_i with y_i = c). Samples labelled -1 change nothing. m = 0.1 keeps only 10% of
+  the old row (the ClusterContrast convention; the code's value).
+
+  The memory is the loss's input as it was before the step: in MMM's joint stage the released
+  code's infrared loss happens to read the memory already updated by the visible branch (an
+  in-place side effect); here both branches score against the pre-step memory and the updates
+  are applied afterwards.
+
+  Args:
+    memory: [C, D] unit-norm rows (zero rows: padding, never written unless a label points
+      there).
+    feats: [B, D] raw BN-neck features (L2-normalised inside).
+    labels: [B] int in [0, C), -1 to skip.
+    momentum: m (0.1).
+    mode: a key of `CLUSTER_UPDATES`.
+
+  Returns:
+    The new memory [C, D] (memory's dtype).
+  """
+  if mode not in CLUSTER_UPDATES:
+    raise ValueError(f"unknown cluster-memory update {mode!r}; use one of {CLUSTER_UPDATES}")
+  if feats.ndim != 2 or labels.shape != feats.shape[:1] or memory.shape[1:] != feats.shape[1:]:
+    raise ValueError(f"memory [C, D], feats [B, D] and labels [B] expected; got "
+                     f"{memory.shape}, {feats.shape} and {labels.shape}")
+  x = l2_normalize(jax.lax.stop_gradient(feats).astype(jnp.float32), axis=-1)
+  mem = memory.astype(jnp.float32)
+  if mode == "sequential":
+    def one(mem, item):
+      xi, yi = item
+      row = l2_normalize(momentum * mem[jnp.maximum(yi, 0)] + (1.0 - momentum) * xi)
+      return jnp.where(yi >= 0, mem.at[jnp.maximum(yi, 0)].set(row), mem), None
+
+    mem, _ = jax.lax.scan(one, mem, (x, labels))
+    return mem.astype(memory.dtype)
+  num = memory.shape[0]
+  onehot = jax.nn.one_hot(labels, num, dtype=jnp.float32)  # label -1 -> zero row
+  counts = jnp.sum(onehot, axis=0)
+  means = (onehot.T @ x) / jnp.maximum(counts, 1.0)[:, None]
+  moved = l2_normalize(momentum * mem + (1.0 - momentum) * means, axis=-1)
+  return jnp.where((counts > 0)[:, None], moved, mem).astype(memory.dtype)

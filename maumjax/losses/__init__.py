@@ -8,6 +8,8 @@ Modules:
   center    MPANet's center-cluster loss (pull to identity centres, push centres apart).
   pattern   MPANet's pattern-separation loss on the PAM maps.
   distill   MPANet's mutual mean learning KL (student against a stop-gradient teacher).
+  cluster_nce  MMM's ClusterNCE against a cluster memory.
+  mmd       MMM's 5-kernel Gaussian MMD (the Inter term).
   bdf       BDF's DID, MML and MDL over the [V; I; V^; I^] batch.
 """
 
@@ -22,6 +24,7 @@ from maumjax.losses.bdf import (
   mml_mdl_losses,
 )
 from maumjax.losses.center import center_cluster_loss
+from maumjax.losses.cluster_nce import cluster_nce_loss
 from maumjax.losses.distill import KL_DIRECTIONS, mutual_mean_kl
 from maumjax.losses.identity import softmax_cross_entropy
 from maumjax.losses.metric import (
@@ -32,6 +35,7 @@ from maumjax.losses.metric import (
   norm_softmax_loss,
   proxy_metric,
 )
+from maumjax.losses.mmd import mmd_loss
 from maumjax.losses.pattern import pattern_separation_loss
 from maumjax.losses.proxy import (
   memory_refs,
@@ -62,6 +66,7 @@ __all__ = [
   "MML_PAIRS",
   "mml_mdl_losses",
   "batch_hard_triplet",
+  "cluster_nce_loss",
   "batch_hard_triplet_per_anchor",
   "batch_hard_triplet_with_stats",
   "center_cluster_loss",
@@ -75,6 +80,7 @@ __all__ = [
   "hardest_pairs",
   "head_proxy_metric",
   "l2_normalize",
+  "mmd_loss",
   "mdl_loss",
   "memory_refs",
   "mml_loss",
