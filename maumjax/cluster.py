@@ -402,3 +402,38 @@ def mmlm_labels(rgb_labels: np.ndarray, sub_rgb: np.ndarray, sub_ir: np.ndarray,
     match[:used_a] = got
   labels = np.asarray(rgb_labels, np.int64)
   return np.where(labels >= 0, match[np.maximum(labels, 0)], -1)
+
+
+def clean_probability(*loss_vectors: np.ndarray, seed: int = 0) -> list[np.ndarray]:
+  """Per-sample "clean" probabilities from per-sample losses (mmm.md §7.3).
+
+  Each vector is min-max normalised to [0, 1] on its own, the vectors are concatenated, a
+  2-component 1-D Gaussian mixture is fitted (scikit-learn; max_iter 100, tol 1e-2,
+  reg_covar 5e-4, as the code) and each sample's weight is the posterior of the component with
+  the smaller mean. MMM calls it twice per epoch: once with the two visible views' losses,
+  once with the infrared losses.
+
+  Args:
+    *loss_vectors: 1-D per-sample losses (e.g. the CE of visible view 1 and of view 2).
+    seed: the mixture's random_state.
+
+  Returns:
+    One float32 weight vector per input, in [0, 1].
+  """
+  from sklearn.mixture import GaussianMixture
+
+  if not loss_vectors:
+    raise ValueError("give at least one loss vector")
+  scaled = []
+  for v in loss_vectors:
+    v = np.asarray(v, np.float64).ravel()
+    if v.size == 0 or not np.all(np.isfinite(v)):
+      raise ValueError("loss vectors must be non-empty and finite")
+    span = v.max() - v.min()
+    scaled.append((v - v.min()) / span if span > 0 else np.zeros_like(v))
+  x = np.concatenate(scaled)[:, None]
+  gmm = GaussianMixture(n_components=2, max_iter=100, tol=1e-2, reg_covar=5e-4,
+                        random_state=seed).fit(x)
+  clean = int(np.argmin(gmm.means_[:, 0]))
+  prob = gmm.predict_proba(x)[:, clean].astype(np.float32)
+  return np.split(prob, np.cumsum([len(s) for s in scaled])[:-1])

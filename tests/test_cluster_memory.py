@@ -112,3 +112,54 @@ def test_mmd_against_numpy_and_the_stop_gradients():
   # The target's gradient is the caller's to stop.
   gy = jax.grad(lambda b: losses.mmd_loss(x, jax.lax.stop_gradient(b)))(y)
   assert float(jnp.abs(gy).max()) == 0.0
+
+
+def test_self_mimic_forms():
+  from maumjax import losses
+
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=(6, 5)).astype(np.float32)
+  protos = rng.normal(size=(3, 5)).astype(np.float32)
+  labels = np.array([0, 0, 1, 2, 2, 1])
+  w = rng.uniform(size=6).astype(np.float32)
+  l1 = losses.self_mimic_loss(x, labels, protos, w)
+  np.testing.assert_allclose(l1, np.mean(np.abs(x - protos[labels]).mean(1) * w), rtol=1e-6)
+  l2 = losses.self_mimic_loss(x, labels, protos, w, form="l2sq")
+  np.testing.assert_allclose(l2, np.mean(((x - protos[labels]) ** 2).sum(1)), rtol=1e-6)
+  g = jax.grad(lambda p: losses.self_mimic_loss(x, labels, p, w))(protos)
+  assert float(jnp.abs(g).max()) == 0.0  # prototypes are targets
+
+
+def test_inter_modality_mmd_groups_identities():
+  from maumjax import losses
+
+  rng = np.random.default_rng(5)
+  p, k, d = 3, 4, 6
+  v1, v2, r = (rng.normal(size=(p * k, d)).astype(np.float32) for _ in range(3))
+  code = losses.inter_modality_mmd([v1, v2], r, num_ids=p)
+  want = sum(np.mean([_numpy_mmd(v[c * k:(c + 1) * k], r[c * k:(c + 1) * k]) * 2
+                      for c in range(p)]) for v in (v1, v2))
+  np.testing.assert_allclose(code, want, rtol=1e-5)
+  paper = losses.inter_modality_mmd([v1, v2], r, num_ids=p, norm="paper")
+  np.testing.assert_allclose(paper, want / 4, rtol=1e-5)
+  # Each side is pulled towards a stop-gradient copy of the other: the gradient of the pair
+  # D(a, sg b) + D(b, sg a) is that of D(a, b) (the bandwidth aside) -- both sides get one.
+  gv, gr = jax.grad(lambda a, b: losses.inter_modality_mmd([a], b, num_ids=p),
+                    argnums=(0, 1))(v1, r)
+  assert float(jnp.abs(gv).max()) > 0 and float(jnp.abs(gr).max()) > 0
+  with pytest.raises(ValueError, match="num_ids"):
+    losses.inter_modality_mmd([v1], r, num_ids=5)
+
+
+def test_clean_probability_picks_the_low_loss_component():
+  from maumjax import cluster
+
+  rng = np.random.default_rng(6)
+  clean = rng.normal(0.2, 0.05, 80)
+  noisy = rng.normal(2.0, 0.2, 20)
+  view1 = np.concatenate([clean, noisy])
+  view2 = view1[::-1] * 3.0  # another scale: each vector is normalised on its own
+  w1, w2 = cluster.clean_probability(view1, view2)
+  assert w1.shape == (100,) and w2.shape == (100,)
+  assert w1[:80].min() > 0.9 and w1[80:].max() < 0.1
+  assert w2[20:].min() > 0.9 and w2[:20].max() < 0.1

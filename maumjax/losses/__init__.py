@@ -9,7 +9,8 @@ Modules:
   pattern   MPANet's pattern-separation loss on the PAM maps.
   distill   MPANet's mutual mean learning KL (student against a stop-gradient teacher).
   cluster_nce  MMM's ClusterNCE against a cluster memory.
-  mmd       MMM's 5-kernel Gaussian MMD (the Inter term).
+  mmd       MMM's 5-kernel Gaussian MMD (the Inter term's distance).
+  sca       MMM's soft cluster-level alignment: Intra (self-mimic) and Inter (per-identity MMD).
   bdf       BDF's DID, MML and MDL over the [V; I; V^; I^] batch.
 """
 
@@ -37,6 +38,7 @@ from maumjax.losses.metric import (
 )
 from maumjax.losses.mmd import mmd_loss
 from maumjax.losses.pattern import pattern_separation_loss
+from maumjax.losses.sca import INTER_NORMS, INTRA_FORMS, inter_modality_mmd, self_mimic_loss
 from maumjax.losses.proxy import (
   memory_refs,
   ms_proxy_loss,
@@ -81,6 +83,10 @@ __all__ = [
   "head_proxy_metric",
   "l2_normalize",
   "mmd_loss",
+  "self_mimic_loss",
+  "inter_modality_mmd",
+  "INTER_NORMS",
+  "INTRA_FORMS",
   "mdl_loss",
   "memory_refs",
   "mml_loss",
