@@ -34,6 +34,7 @@ import ml_collections
 
 from experiments.configs import common
 
+DATA = common.DATA
 ROWS = {
     "full": dict(derivatives=True, tri=False, mml=True, mdl=True),
     "base": dict(derivatives=False, tri=True, mml=False, mdl=False),

@@ -131,6 +131,11 @@ def base_config(method: str, preset: str, *, num_epochs: int) -> ml_collections.
   return config
 
 
+# The data names of every method's presets (`<data>[_<row>]`); a config file lists them as
+# `DATA` next to its `ROWS`, which is how the command line enumerates its presets.
+DATA = ("synthetic", "sysu", "regdb")
+
+
 def agw_method_config(preset: str | None, *, method: str, title: str, rows: dict[str, dict],
                       default_row: str, model: dict, loss: dict, synthetic, smoke,
                       num_epochs: int = 81) -> ml_collections.ConfigDict:
@@ -149,7 +154,7 @@ def agw_method_config(preset: str | None, *, method: str, title: str, rows: dict
     num_epochs: the recipe's epochs.
   """
   preset = preset or "synthetic"
-  data, row = split_preset(preset, method=title, data=("synthetic", "sysu", "regdb"),
+  data, row = split_preset(preset, method=title, data=DATA,
                            rows=tuple(rows), default_row=default_row)
   config = base_config(method, preset, num_epochs=num_epochs)
   config.model = model

@@ -43,6 +43,7 @@ import ml_collections
 
 from experiments.configs import common
 
+DATA = common.DATA
 ROWS = {
     "maum": dict(shared_proxy=False, ms_proxy=True, uni=True, memory_size=8),
     "baseline": dict(shared_proxy=True, ms_proxy=False, uni=False, memory_size=0),

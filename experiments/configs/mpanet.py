@@ -29,7 +29,7 @@ import ml_collections
 
 from experiments.configs import common
 
-DATA = ("synthetic", "sysu", "regdb")
+DATA = common.DATA
 ROWS = {
     "mpanet": dict(loss=dict(cc=True, ml=True), model=dict(pam=True, modality_attention=2)),
     "baseline": dict(loss=dict(cc=False, ml=False), model=dict(pam=False, modality_attention=0)),

@@ -47,9 +47,14 @@ def test_colour_map_starts_at_the_identity_and_trains():
   assert float(jnp.abs(grads["delta"]).max()) > 0 and float(jnp.abs(grads["bias"]).max()) > 0
 
 
+def _shapes(model):
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((4, H, W, 3)),
+                                           train=False))
+
+
 def test_learnable_map_is_in_the_params_only_when_chosen():
-  assert "colour_map" not in _init(_model())["params"]
-  params = _init(_model(derive_ir="learnable_1x1"))["params"]
+  assert "colour_map" not in _shapes(_model())["params"]
+  params = _shapes(_model(derive_ir="learnable_1x1"))["params"]
   assert set(params["colour_map"]) == {"delta", "bias"}
 
 
@@ -76,8 +81,10 @@ def test_each_block_takes_its_stem(stems, modules):
     changed = np.abs(np.asarray(run(bumped) - base)).reshape(4, 2, -1).max(axis=(1, 2)) > 1e-4
     assert tuple(np.flatnonzero(changed)) == routed[stem], stem
   # Test time: a visible image takes the V stem and an infrared one the I stem, as in training.
-  embed = model.apply(variables, images[:4], jnp.asarray([0, 0, 1, 1]), method="embed")
-  train_rows = np.asarray(model.apply(variables, images[:4], train=False, num_blocks=2)["bn"])
+  embed = jax.jit(lambda v: model.apply(v, images[:4], jnp.asarray([0, 0, 1, 1]),
+                                        method="embed"))(variables)
+  train_rows = np.asarray(jax.jit(lambda v: model.apply(v, images[:4], train=False,
+                                                        num_blocks=2)["bn"])(variables))
   expected = train_rows / np.linalg.norm(train_rows, axis=1, keepdims=True)
   np.testing.assert_allclose(embed, expected, rtol=1e-5, atol=1e-6)
 
@@ -89,8 +96,9 @@ def test_tta_derivative_averages_normalised_base_and_derivative_features(derive_
   pixels = _uint8(2)
   images = augment.normalize_jax(jnp.asarray(pixels))
   modality = jnp.asarray([0, 1, 0, 1])
-  base = model.apply(variables, images, modality, method="embed")
-  tta = model.clone(tta_derivative=True).apply(variables, images, modality, method="embed")
+  base = jax.jit(lambda v: model.apply(v, images, modality, method="embed"))(variables)
+  tta = jax.jit(lambda v: model.clone(tta_derivative=True).apply(v, images, modality,
+                                                                 method="embed"))(variables)
   # By hand: derive each image as its modality says, run it through the DERIVED stems.
   key = jax.random.PRNGKey(bdf_model.TTA_KEY)
   derived = np.where(np.asarray(modality)[:, None, None, None] == 1,
@@ -99,7 +107,7 @@ def test_tta_derivative_averages_normalised_base_and_derivative_features(derive_
   # Blocks V^ and I^ of a training batch take rgb_derived and ir_derived: visible rows 0 and 2
   # go in the V^ block, infrared rows 1 and 3 in the I^ block.
   four = jnp.concatenate([images[:2], images[:2], x[np.array([0, 2])], x[np.array([1, 3])]])
-  out = np.asarray(model.apply(variables, four, train=False)["bn"])
+  out = np.asarray(jax.jit(lambda v: model.apply(v, four, train=False)["bn"])(variables))
   feats_d = np.empty((4, out.shape[1]), np.float32)
   feats_d[[0, 2]] = out[4:6]
   feats_d[[1, 3]] = out[6:8]
@@ -113,8 +121,7 @@ def test_imagenet_weights_reach_every_stem():
 
   sd = _torchvision_state_dict("tiny")
   model = _model(stems="four")
-  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((4, H, W, 3)),
-                                                train=False))
+  variables = _shapes(model)
   loaded, report = weights.load_backbone(variables, sd, model=model)
   stem = sd["conv1.weight"].transpose(2, 3, 1, 0)
   for name in ("rgb", "ir", "rgb_derived", "ir_derived"):
