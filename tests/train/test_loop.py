@@ -169,30 +169,30 @@ def test_best_on_test_evaluates_the_state_of_the_best_quick_evaluation(cache, tm
   assert not (tmp_path / "other").exists()
 
 
-@pytest.mark.parametrize("mode", ["pmap", "none"])
-def test_other_parallel_modes_train_the_same_run(mode, cache, tmp_path):
+def test_other_parallel_modes_train_the_same_run(cache, tmp_path):
   """The loop under pmap (4 devices) and on one device matches shard_map, step by step.
 
   Step 1 starts fresh in each mode; step 2 resumes the shard_map run's step-1 checkpoint in
   the other mode (batches from the restored iterator, state placed for that mode). Comparing
   each step from the same state keeps float32 rounding at its one-step size (it grows over
   steps at a CPU-dependent rate: 3e-6 after one step, 5e-5 after three on the 2-core CI VM,
-  1.5e-2 after three on another machine).
+  1.5e-2 after three on another machine). One shard_map reference serves both modes.
   """
   from tests.train.test_parallel import _assert_same
 
   ref_config = _config(checkpoint_every_steps=1, keep_checkpoints=3)
   loop.train_and_evaluate(ref_config, tmp_path / "shard_map", max_steps=2)
-  config = _config()
-  config.parallel = mode
-  result = loop.train_and_evaluate(config, tmp_path / f"{mode}_1", max_steps=1)
-  assert result == {"stopped_at_step": 1, "total_steps": result["total_steps"]}
-  shutil.copytree(tmp_path / "shard_map", tmp_path / f"{mode}_2")
-  shutil.rmtree(tmp_path / f"{mode}_2" / "checkpoints" / "2")
-  loop.train_and_evaluate(config, tmp_path / f"{mode}_2", max_steps=2)
-  for step in (1, 2):
-    with checkpoint_lib.Checkpointer(tmp_path / "shard_map") as ckpt:
-      ref = jax.tree.map(np.asarray, ckpt.restore_arrays(step)["params"])
-    meta, params = _final_params(tmp_path / f"{mode}_{step}")
-    assert meta["step"] == step
-    _assert_same(params, ref, f"params after step {step} ({mode} vs shard_map)")
+  for mode in ("pmap", "none"):
+    config = _config()
+    config.parallel = mode
+    result = loop.train_and_evaluate(config, tmp_path / f"{mode}_1", max_steps=1)
+    assert result == {"stopped_at_step": 1, "total_steps": result["total_steps"]}
+    shutil.copytree(tmp_path / "shard_map", tmp_path / f"{mode}_2")
+    shutil.rmtree(tmp_path / f"{mode}_2" / "checkpoints" / "2")
+    loop.train_and_evaluate(config, tmp_path / f"{mode}_2", max_steps=2)
+    for step in (1, 2):
+      with checkpoint_lib.Checkpointer(tmp_path / "shard_map") as ckpt:
+        ref = jax.tree.map(np.asarray, ckpt.restore_arrays(step)["params"])
+      meta, params = _final_params(tmp_path / f"{mode}_{step}")
+      assert meta["step"] == step
+      _assert_same(params, ref, f"params after step {step} ({mode} vs shard_map)")
