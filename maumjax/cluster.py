@@ -216,6 +216,11 @@ def jaccard_distance(feats: np.ndarray, *, k1: int, k2: int,
 def pseudo_labels(dist: np.ndarray, *, eps: float, min_samples: int = 4) -> np.ndarray:
   """DBSCAN on a precomputed distance (scikit-learn): int64 [N] labels, -1 = outlier.
 
+  DBSCAN only needs the pairs closer than eps, so the matrix is handed over as a sparse one
+  holding those pairs (built block by block, the diagonal included as explicit zeros); the
+  labels are those of DBSCAN on the dense matrix (tested), without scikit-learn's dense
+  neighbourhood search over N x N.
+
   Args:
     dist: [N, N] distances (e.g. `jaccard_distance`).
     eps: the neighbourhood radius (MMM: 0.6 SYSU, 0.3 RegDB).
@@ -226,8 +231,18 @@ def pseudo_labels(dist: np.ndarray, *, eps: float, min_samples: int = 4) -> np.n
   dist = np.asarray(dist)
   if dist.ndim != 2 or dist.shape[0] != dist.shape[1]:
     raise ValueError(f"dist must be a square [N, N] matrix, got shape {dist.shape}")
-  return DBSCAN(eps=eps, min_samples=min_samples, metric="precomputed",
-                n_jobs=-1).fit_predict(dist).astype(np.int64)
+  n = dist.shape[0]
+  rows, cols, vals = [], [], []
+  for start in range(0, n, MINSUM_BLOCK):
+    block = dist[start:start + MINSUM_BLOCK]
+    r, c = np.nonzero(block <= eps)  # sklearn's radius test is d <= eps
+    rows.append(r + start)
+    cols.append(c)
+    vals.append(block[r, c].astype(np.float64))
+  close = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                        shape=(n, n))
+  return DBSCAN(eps=eps, min_samples=min_samples, metric="precomputed").fit_predict(
+      close).astype(np.int64)
 
 
 def init_cluster_memory(feats: np.ndarray, labels: np.ndarray, *,

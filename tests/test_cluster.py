@@ -179,3 +179,19 @@ def test_cost_direction_and_sub_memories():
   np.testing.assert_allclose(subs[2], np.repeat(feats[labels == 2].mean(0)[None], 4, 0),
                              atol=1e-6)
   assert np.unique(subs[0].round(5), axis=0).shape[0] == 4  # four distinct k-means centres
+
+
+def test_sparse_handover_gives_dense_dbscan_labels():
+  from sklearn.cluster import DBSCAN
+
+  # Pairs exactly eps apart count as neighbours (scikit-learn's d <= eps), as on the dense matrix.
+  x = np.array([0.0, 0.25, 0.5, 0.75, 3.0, 3.25, 9.0])
+  dist = np.abs(x[:, None] - x[None])
+  for eps, k in ((0.25, 3), (0.2, 2), (0.25, 2)):
+    want = DBSCAN(eps=eps, min_samples=k, metric="precomputed").fit_predict(dist)
+    np.testing.assert_array_equal(cluster.pseudo_labels(dist, eps=eps, min_samples=k), want)
+  feats, _ = _clustered(7, ids=12, per=6, spread=0.5)
+  jac = cluster.jaccard_distance(feats, k1=10, k2=4)
+  for eps in (0.4, 0.6, 0.8):
+    want = DBSCAN(eps=eps, min_samples=4, metric="precomputed").fit_predict(jac)
+    np.testing.assert_array_equal(cluster.pseudo_labels(jac, eps=eps), want)

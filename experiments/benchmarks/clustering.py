@@ -15,7 +15,8 @@ k1 neighbours, the reciprocal sets and expansion row by row in Python, a dense V
 query-expanded V, an inverted index of V's columns, and the Jaccard rows accumulated from it.
 maumjax: the kNN blockwise on the JAX device, V sparse, the min-sum over sparse rows by blocks
 (module docstring of `maumjax.cluster`). DBSCAN (scikit-learn, eps 0.6, min_samples 4) runs on
-each side's distance.
+each side's distance: the dense matrix on the reference side, the sparse pairs under eps
+(`cluster.pseudo_labels`) on maumjax's.
 
 Each (side, N) runs in its own child process, so its peak resident memory (`ru_maxrss`) is its
 own. The parent checks that both sides give the same distances (max |difference| over 256
@@ -140,9 +141,12 @@ def _child(spec: str, out: Path) -> None:
   else:
     dist = reference_jaccard(feats, k1=s["k1"], k2=s["k2"], modality=s["modality"])
   t1 = time.perf_counter()
-  from maumjax import cluster
+  if side == "fast":  # the pairs under eps, sparse
+    labels = cluster.pseudo_labels(dist, eps=_EPS.value)
+  else:  # scikit-learn on the dense matrix, as a reference script does
+    from sklearn.cluster import DBSCAN
 
-  labels = cluster.pseudo_labels(dist, eps=_EPS.value)
+    labels = DBSCAN(eps=_EPS.value, min_samples=4, metric="precomputed").fit_predict(dist)
   t2 = time.perf_counter()
   rows = np.random.default_rng(1).choice(n, min(SAMPLE_ROWS, n), replace=False)
   np.save(out / "rows.npy", dist[rows])
