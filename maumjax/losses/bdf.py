@@ -15,7 +15,6 @@ import jax.numpy as jnp
 from maumjax.losses.identity import softmax_cross_entropy
 from maumjax.losses.triplet import (
   cross_modal_center_triplet_per_pair,
-  cross_modal_triplet,
   cross_modal_triplet_per_pair,
 )
 
@@ -81,38 +80,26 @@ def did_loss(logits: jax.Array, labels: jax.Array, *, mode: str = "ce",
   return loss + (consistency[0] + consistency[1]) / 2
 
 
+def _check_pairs(pairs) -> None:
+  if not pairs:
+    raise ValueError("pairs is empty: give at least one (anchor group, target group)")
+
+
 def mml_loss(feats: jax.Array, labels: jax.Array, *, margin: float = 0.3,
              pairs: tuple[tuple[int, int], ...] = MML_PAIRS) -> jax.Array:
-  """MML: batch-hard triplet inside each mode and base -> own derivative, mean over `pairs`.
-
-  Args:
-    feats: [4n, D] pre-BN features, [V; I; V^; I^].
-    labels: [4n] int.
-    margin: triplet margin (0.3).
-    pairs: the (anchor group, target group) directions (default `MML_PAIRS`).
-
-  Returns:
-    Scalar float32.
-  """
-  n = _check_layout(feats.shape[0], labels, "mml_loss")
-  return cross_modal_triplet(feats, labels, block_groups(n), pairs=pairs, margin=margin)
+  """MML: batch-hard triplet inside each mode and base -> own derivative, mean over `pairs`
+  (feats [4n, D] pre-BN features of [V; I; V^; I^], labels [4n]; `mml_mdl_losses`' first
+  half). Returns a float32 scalar."""
+  _check_pairs(pairs)
+  return mml_mdl_losses(feats, labels, margin=margin, mml_pairs=pairs, mdl_pairs=())[0]
 
 
 def mdl_loss(feats: jax.Array, labels: jax.Array, *, margin: float = 0.3,
              pairs: tuple[tuple[int, int], ...] = MDL_PAIRS) -> jax.Array:
-  """MDL: batch-hard triplet over the heterogeneous directions, mean over `pairs`.
-
-  Args:
-    feats: [4n, D] pre-BN features, [V; I; V^; I^].
-    labels: [4n] int.
-    margin: triplet margin (0.3).
-    pairs: the directions (default the eight of `MDL_PAIRS`).
-
-  Returns:
-    Scalar float32.
-  """
-  n = _check_layout(feats.shape[0], labels, "mdl_loss")
-  return cross_modal_triplet(feats, labels, block_groups(n), pairs=pairs, margin=margin)
+  """MDL: batch-hard triplet over the heterogeneous directions (default the eight of
+  `MDL_PAIRS`), mean over `pairs`; as `mml_loss`, `mml_mdl_losses`' second half."""
+  _check_pairs(pairs)
+  return mml_mdl_losses(feats, labels, margin=margin, mml_pairs=(), mdl_pairs=pairs)[1]
 
 
 def mml_mdl_losses(feats: jax.Array, labels: jax.Array, *, margin: float = 0.3,

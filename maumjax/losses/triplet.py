@@ -208,15 +208,9 @@ def cross_modal_triplet_per_pair(
   return jnp.sum(loss, axis=1) / jnp.maximum(count, 1)
 
 
-def cross_modal_triplet(
-  feats: jax.Array,
-  labels: jax.Array,
-  groups: jax.Array,
-  *,
-  pairs: tuple[tuple[int, int], ...],
-  margin: float = 0.3,
-  metric: str = "euclidean",
-) -> jax.Array:
+def cross_modal_triplet(feats: jax.Array, labels: jax.Array, groups: jax.Array, *,
+                        pairs: tuple[tuple[int, int], ...], margin: float = 0.3,
+                        metric: str = "euclidean") -> jax.Array:
   """The mean over `pairs` of `cross_modal_triplet_per_pair`: a sum of directional triplet
   terms normalised by their number (bdf.md §4), so switching a direction off keeps the scale.
 
