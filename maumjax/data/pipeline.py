@@ -66,8 +66,17 @@ class PipelineConfig:
       `maumjax.data.sampler.modality_subset`.
     seed: seed of the sampler, the augmentation and the imbalance subset.
     sampler: 'agw' (`sampler.IdentitySampler`: P random identities per step, K images of each
-      modality drawn with replacement; AGW, MAUM) or 'mpanet' (`sampler.MPANetSampler`: one
-      pass over every identity's paired K + K chunks per epoch; MPANet).
+      modality drawn with replacement; AGW, MAUM), 'mpanet' (`sampler.MPANetSampler`: one
+      pass over every identity's paired K + K chunks per epoch; MPANet), 'cluster'
+      (`sampler.ClusterSampler`: camera-aware P x K chunks of pseudo-ids, per modality, label
+      columns on alternate steps; MMM stages 1 and 2) or 'all' (`sampler.AllSampler`: one
+      shuffled pass over every record, arbitrary pairs; MMM's warm-up).
+    steps_per_epoch: epoch length; 0 keeps the sampler's own (its docstring gives the
+      formula), > 0 fixes it (e.g. MMM's `--iters`, doubled for stage 2's two steps per
+      iteration). The `steps_per_epoch` argument of `make_train_pipeline` wins when given.
+    warm_epochs: epochs [0, warm_epochs) are drawn by the 'all' sampler whatever `sampler`
+      says, with the main sampler's epoch length (MMM final stage's CE warm-up, mmm.md §7.2);
+      0 is off.
   """
 
   num_identities: int = 8
@@ -84,6 +93,8 @@ class PipelineConfig:
   imbalance_unit: str = "images"
   seed: int = 0
   sampler: str = "agw"
+  steps_per_epoch: int = 0
+  warm_epochs: int = 0
 
   def __post_init__(self):
     if self.sampler not in sampler_lib.SAMPLERS:
@@ -97,6 +108,10 @@ class PipelineConfig:
     if self.num_threads < 1 or self.num_workers < 0 or self.prefetch < 1:
       raise ValueError(f"num_threads={self.num_threads} (>= 1), num_workers={self.num_workers} "
                        f"(>= 0), prefetch={self.prefetch} (>= 1) out of range")
+    if self.steps_per_epoch < 0 or self.warm_epochs < 0:
+      raise ValueError(f"steps_per_epoch={self.steps_per_epoch} and warm_epochs="
+                       f"{self.warm_epochs} must be >= 0 (0: the sampler's own length / no "
+                       "warm-up)")
 
 
 def read_metadata(source: Sequence[dict[str, Any]], *, chunk: int = 1024) -> dict[str, np.ndarray]:
@@ -114,6 +129,19 @@ def read_metadata(source: Sequence[dict[str, Any]], *, chunk: int = 1024) -> dic
       for k in META_KEYS:
         cols[k].append(int(row[k]))
   return {k: np.asarray(v, np.int64) for k, v in cols.items()}
+
+
+def read_paths(source: Sequence[dict[str, Any]], *, chunk: int = 1024) -> np.ndarray:
+  """The 'path' of every record, in record order (str [N]): the key under which a method
+  stores per-record results (MMM's pseudo-labels), so they never depend on record order."""
+  paths = []
+  getitems = getattr(source, "__getitems__", None)
+  for start in range(0, len(source), chunk):
+    keys = range(start, min(start + chunk, len(source)))
+    for row in (getitems(list(keys)) if getitems else [source[i] for i in keys]):
+      p = row["path"]
+      paths.append(p.decode() if isinstance(p, bytes) else str(p))
+  return np.asarray(paths, dtype=str)
 
 
 class ImageStore:
@@ -172,7 +200,7 @@ class _Elements:
   this host; the global slot is `s * per_step + shard_index * local + j`.
   """
 
-  def __init__(self, sampler: sampler_lib.IdentitySampler, num_epochs: int, shard_index: int,
+  def __init__(self, sampler: Any, num_epochs: int, shard_index: int,
                shard_count: int, start_epoch: int = 0):
     self._sampler = sampler
     self._start = start_epoch
@@ -235,7 +263,10 @@ class _LoadPair:
       cfg = self._aug[m]
       rng = np.random.default_rng([self._seed, epoch, slot, m])
       params = augment_lib.draw_params(rng, cfg, image.shape[0], image.shape[1])
-      record = {k: np.int32(self._meta[k][index]) for k in META_KEYS}
+      record = {}
+      for k in META_KEYS:
+        value = self._meta[k][index]  # a row for label columns [N, L]
+        record[k] = value.astype(np.int32) if isinstance(value, np.ndarray) else np.int32(value)
       record["index"] = np.int32(index)
       if self._on_device:
         record["image"] = image
@@ -287,7 +318,8 @@ class TrainIterator:
 
   Each `next()` returns one step's host-local batch:
   `{'rgb': {'image', 'label', 'identity', 'camera', 'modality', 'index'[, 'aug']},
-    'ir': {...}, 'epoch', 'slot'}`, every leaf with leading dimension P*K / shard_count.
+    'ir': {...}, 'epoch', 'slot'}`, every leaf with leading dimension P*K / shard_count;
+  'label' is [B, L] when the pipeline was built with label columns [N, L].
   """
 
   def __init__(self, dataset: grain.MapDataset, read_options, mp_options, steps_per_epoch: int):
@@ -335,14 +367,15 @@ class TrainPipeline:
   Attributes:
     config: the pipeline settings.
     sampler: the identity sampler (its `steps_per_epoch` is the epoch length).
-    metadata: int64 arrays label/identity/camera/modality per record of the source.
+    metadata: int64 arrays label/identity/camera/modality per record of the source ('label'
+      is [N, L] when the pipeline was built with label columns).
     keep: bool mask of records in use (modality-imbalance subset).
     store: the image store (decode on read, or RAM cache).
     shard_index, shard_count: this host's slice of every global batch.
   """
 
   config: PipelineConfig
-  sampler: sampler_lib.IdentitySampler
+  sampler: Any  # one of `sampler_lib.SAMPLERS`, or a `sampler_lib.WarmupSampler`
   metadata: dict[str, np.ndarray]
   keep: np.ndarray
   store: ImageStore
@@ -395,9 +428,13 @@ def make_train_pipeline(source: Sequence[dict[str, Any]], config: PipelineConfig
     shard_count: see shard_index. P must be divisible by it.
     metadata: precomputed `read_metadata(source)`, to skip the scan.
     labels: int [N] training labels replacing the dataset's (a method's relabelling, e.g.
-      MMM's pseudo-labels); -1 leaves a record out. The imbalance subset is still drawn from
-      the dataset's labels, so it does not change with a relabelling.
-    steps_per_epoch: fixed epoch length (see `IdentitySampler`).
+      MMM's pseudo-labels), or int [N, L] label columns (MMM stage 2: per-modality and joint
+      clusters; samplers 'cluster' and 'all' only); -1 leaves a record out of a column, and a
+      record is used when any column is >= 0. Batches then carry 'label' [B, L]. The imbalance
+      subset is still drawn from the dataset's labels, so it does not change with a
+      relabelling.
+    steps_per_epoch: fixed epoch length (see `IdentitySampler`); None uses
+      `config.steps_per_epoch` (0: the sampler's own length).
     store: an `ImageStore` of `source` to reuse (e.g. its RAM cache across relabellings).
 
   Raises:
@@ -415,19 +452,38 @@ def make_train_pipeline(source: Sequence[dict[str, Any]], config: PipelineConfig
       reduce_modality=config.imbalance_modality, unit=config.imbalance_unit, seed=config.seed)
   if labels is not None:
     labels = np.asarray(labels, np.int64)
-    if labels.shape != meta["label"].shape:
-      raise ValueError(f"labels has shape {labels.shape}; expected one label per record "
-                       f"{meta['label'].shape}")
-    keep = keep & (labels >= 0)
+    n = len(meta["label"])
+    if labels.ndim not in (1, 2) or labels.shape[0] != n or 0 in labels.shape[1:]:
+      raise ValueError(f"labels has shape {labels.shape}; expected int [{n}] (one label per "
+                       f"record) or [{n}, L] (L >= 1 label columns)")
+    keep = keep & (labels >= 0 if labels.ndim == 1 else np.any(labels >= 0, axis=1))
     meta = {**meta, "label": labels}
-  sampler = sampler_lib.SAMPLERS[config.sampler](
-      meta["label"], meta["modality"], num_identities=config.num_identities,
-      num_instances=config.num_instances, seed=config.seed, keep=keep,
-      steps_per_epoch=steps_per_epoch)
+  if steps_per_epoch is None and config.steps_per_epoch > 0:
+    steps_per_epoch = config.steps_per_epoch
+  sampler = make_sampler(config, meta, keep, steps_per_epoch=steps_per_epoch)
   if store is None:
     cache = np.flatnonzero(keep) if config.cache == "ram" else None
     store = ImageStore(source, cache_indices=cache)
   return TrainPipeline(config, sampler, meta, keep, store, shard_index, shard_count)
+
+
+def make_sampler(config: PipelineConfig, meta: dict[str, np.ndarray], keep: np.ndarray, *,
+                 steps_per_epoch: int | None = None):
+  """The sampler of `config` over `meta` ('label', 'modality', 'camera') and the `keep` mask.
+
+  `config.sampler` picks the class from `sampler_lib.SAMPLERS`; with `config.warm_epochs` > 0
+  it is wrapped in a `sampler_lib.WarmupSampler` whose first epochs come from an 'all' sampler
+  of the same epoch length.
+  """
+  kwargs = dict(num_identities=config.num_identities, num_instances=config.num_instances,
+                seed=config.seed, keep=keep, camera=meta["camera"])
+  sampler = sampler_lib.SAMPLERS[config.sampler](meta["label"], meta["modality"],
+                                                 steps_per_epoch=steps_per_epoch, **kwargs)
+  if config.warm_epochs > 0:
+    warm = sampler_lib.AllSampler(meta["label"], meta["modality"],
+                                  steps_per_epoch=sampler.steps_per_epoch, **kwargs)
+    sampler = sampler_lib.WarmupSampler(sampler, warm, config.warm_epochs)
+  return sampler
 
 
 class PreparedSource:

@@ -7,9 +7,9 @@ them. Add a method by writing `methods/<name>.py` and listing it here.
 
 from __future__ import annotations
 
-from maumjax.methods import api, bdf, maum, mpanet
+from maumjax.methods import api, bdf, maum, mmm, mpanet
 
-METHODS = {"maum": maum, "mpanet": mpanet, "bdf": bdf}
+METHODS = {"maum": maum, "mpanet": mpanet, "bdf": bdf, "mmm": mmm}
 
 
 def get(name: str):

@@ -81,6 +81,8 @@ class DataInfo:
     classes_rgb: bool [C], classes with at least one visible training image in use (after
       the modality-imbalance subset).
     classes_ir: bool [C], the same for infrared.
+    num_records: N, records of the train split (in use or not): the length of the per-record
+      arrays (labels, MMM's per-sample weights).
   """
 
   num_classes: int
@@ -88,6 +90,7 @@ class DataInfo:
   steps_per_epoch: int
   classes_rgb: np.ndarray
   classes_ir: np.ndarray
+  num_records: int = 0
 
   @classmethod
   def from_labels(cls, labels: np.ndarray, modality: np.ndarray, keep: np.ndarray | None, *,
@@ -100,7 +103,8 @@ class DataInfo:
     for m in (0, 1):
       chosen = labels[keep & (modality == m)]
       present[m][chosen[chosen >= 0]] = True
-    return cls(num_classes, tuple(image_shape), int(steps_per_epoch), present[0], present[1])
+    return cls(num_classes, tuple(image_shape), int(steps_per_epoch), present[0], present[1],
+               num_records=len(labels))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,13 +182,18 @@ class StepParts:
     pixels: the loss also gets each modality's 'raw' (shipped uint8), 'pixels' (augmented
       uint8 before normalisation) and 'aug' (augmentation parameters), for a method that makes
       further inputs on the device (BDF's derivative images; `pipeline.device_augment`).
+    aux: the loss returns a third value, `(terms, batch_stats, aux)`, and `after` receives it
+      as a fourth argument, `after(state, new_params, finite, aux)`: what the loss computed
+      that the state update needs (MMM's memory update from the step's features, computed
+      with the pre-update parameters as in the code). `aux` is not differentiated.
   """
 
   loss: LossFn
   weights: Mapping[str, float]
   before: Callable[[state_lib.TrainState], Any] | None = None
-  after: Callable[[state_lib.TrainState, Any, jax.Array], tuple[Any, Any]] | None = None
+  after: Callable[..., tuple[Any, Any]] | None = None
   pixels: bool = False
+  aux: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +206,11 @@ class EpochData:
     labels: int [N] the training labels in force (the dataset's, or the last relabelling).
     images: `index -> uint8 [H, W, 3]` decoded train image.
     pipeline: the pipeline config (image normalisation, augmentation presets).
+    paths: `() -> str [N]`, the train records' paths in record order (read on first call),
+      the key for per-record results stored across runs; None where unknown.
+    log: `log(scalars, kind)` writes float scalars to the run's log.jsonl and TensorBoard at
+      the current step under `kind` (MMM's pseudo-label diagnostics); None where the process
+      writes no log (not the main process, or outside the trainer).
   """
 
   metadata: Mapping[str, np.ndarray]
@@ -204,6 +218,8 @@ class EpochData:
   labels: np.ndarray
   images: Callable[[int], np.ndarray]
   pipeline: Any
+  log: Callable[[Mapping[str, float], str], None] | None = None
+  paths: Callable[[], np.ndarray] | None = None
 
 
 def check_method(module: ModuleType | Any, name: str = "") -> Any:

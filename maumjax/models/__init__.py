@@ -1,7 +1,8 @@
 """Models: torchvision-layout ResNets, re-ID heads, the two-stream ReidNet, checkpoint loading.
 
 Modules:
-  resnet   ResNet v1.5 run as a range of stages; ARCHS ('resnet50', 'resnet18', 'tiny').
+  resnet   ResNet v1.5 run as a range of stages; ARCHS ('resnet50', 'resnet18', 'tiny');
+           AGW's non-local blocks (`NonLocal`, `non_local='agw'`).
   heads    GeM/average pooling, BN-neck, global head, PCB-style part head.
   reid     ReidNet: modality-specific early stages, shared trunk, heads; `embed` for testing.
   mpanet   MPANet: single-stream ResNet with modality alleviation and pattern alignment.
@@ -20,10 +21,25 @@ from typing import Any
 import jax.numpy as jnp
 
 from maumjax.models.bdf import BDFNet
-from maumjax.models.heads import BNNeck, GlobalHead, PartHead, avg_pool, gem_pool
+from maumjax.models.heads import (
+  BNNeck,
+  GlobalHead,
+  PartHead,
+  avg_pool,
+  gem_pool,
+  gem_pool_mean_eps,
+)
 from maumjax.models.mpanet import MPANet
 from maumjax.models.reid import MODALITY_IR, MODALITY_RGB, ReidNet, head_dims, param_groups
-from maumjax.models.resnet import ARCHS, ArchSpec, ResNet, feature_map_size, stage_output_channels
+from maumjax.models.resnet import (
+  ARCHS,
+  ArchSpec,
+  NonLocal,
+  ResNet,
+  feature_map_size,
+  non_local_positions,
+  stage_output_channels,
+)
 from maumjax.models.weights import (
   LoadReport,
   load_backbone,
@@ -64,6 +80,7 @@ def model_from_config(model_cfg: Mapping[str, Any], **overrides):
 __all__ = [
   "MODELS", "model_from_config", "head_dims", "param_groups", "BDFNet", "MPANet",
   "ARCHS", "MODALITY_IR", "MODALITY_RGB", "ArchSpec", "BNNeck", "GlobalHead", "LoadReport",
-  "PartHead", "ReidNet", "ResNet", "avg_pool", "feature_map_size", "gem_pool", "load_backbone",
+  "NonLocal", "PartHead", "ReidNet", "ResNet", "avg_pool", "feature_map_size", "gem_pool",
+  "gem_pool_mean_eps", "load_backbone", "non_local_positions",
   "read_state_dict", "sha256", "stage_output_channels", "torchvision_to_flax",
 ]

@@ -8,6 +8,11 @@ test time (maum.md §2, §7).
 Heads compute in float32 whatever the backbone's dtype: GeM raises activations to the power p,
 which loses too much precision in bfloat16, and the heads are cheap.
 
+GeM comes in two forms (`POOLS`): 'gem' clamps activations to at least 1e-6 before the power;
+'gem_mean_eps' is AGW's and MMM's code, (mean over H, W of x^p + 1e-12)^(1/p), the 1e-12 added
+after the mean and no clamp (mmm.md §3). On post-ReLU maps they differ only for activations
+below 1e-6 and for all-zero channels (1e-6 against 1e-4 for p = 3).
+
 Stripe rule (`stripe_bounds`): stripe i covers rows [floor(i*H/P), ceil((i+1)*H/P)), the bins of
 torch's AdaptiveAvgPool2d((P, 1)) used by PCB. When P divides H (18 rows, 6 parts at 288x144 with
 last stride 1) these are P equal, disjoint stripes of H/P rows. Otherwise neighbouring stripes
@@ -27,7 +32,7 @@ import jax.numpy as jnp
 from maumjax.losses.metric import l2_normalize  # noqa: F401
 from maumjax.models.resnet import BN_EPSILON, BN_MOMENTUM
 
-POOLS = ("gem", "avg")
+POOLS = ("gem", "avg", "gem_mean_eps")
 
 
 def check_num_classes(model: str, num_classes: int | None) -> None:
@@ -53,19 +58,38 @@ def gem_pool(x: jax.Array, p: float = 3.0, eps: float = 1e-6) -> jax.Array:
   return jnp.mean(x ** p, axis=(1, 2)) ** (1.0 / p)
 
 
+def gem_pool_mean_eps(x: jax.Array, p: float = 3.0, eps: float = 1e-12) -> jax.Array:
+  """Generalised-mean pooling as AGW and MMM code it: eps added after the mean, no clamp.
+
+  Meant for non-negative (post-ReLU) maps: a negative mean of x^p has no real root.
+
+  Args:
+    x: feature map [B, H, W, C]; computed in float32.
+    p: the power.
+    eps: added to the mean so that an all-zero channel has a finite root and gradient.
+
+  Returns:
+    [B, C] float32: (mean over H, W of x^p + eps)^(1/p).
+  """
+  x = x.astype(jnp.float32)
+  return (jnp.mean(x ** p, axis=(1, 2)) + eps) ** (1.0 / p)
+
+
 def avg_pool(x: jax.Array) -> jax.Array:
   """Average pooling over height and width: [B, H, W, C] -> [B, C] float32."""
   return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 
 def pool2d(x: jax.Array, pool: str, gem_p: float = 3.0) -> jax.Array:
-  """Pools [B, H, W, C] to [B, C] with 'gem' or 'avg'.
+  """Pools [B, H, W, C] to [B, C] with 'gem', 'avg' or 'gem_mean_eps' (see `POOLS`).
 
   Raises:
     ValueError: unknown pool name.
   """
   if pool == "gem":
     return gem_pool(x, gem_p)
+  if pool == "gem_mean_eps":
+    return gem_pool_mean_eps(x, gem_p)
   if pool == "avg":
     return avg_pool(x)
   raise ValueError(f"unknown pool {pool!r}; use one of {POOLS}")
@@ -101,7 +125,7 @@ def pool_stripes(x: jax.Array, num_parts: int, pool: str = "gem",
   Args:
     x: feature map [B, H, W, C].
     num_parts: number of stripes P.
-    pool: 'gem' or 'avg'.
+    pool: a name in `POOLS`.
     gem_p: GeM power.
 
   Returns:
@@ -136,7 +160,7 @@ class GlobalHead(nn.Module):
   """Global pooling of the whole map, then a BN-neck.
 
   Attributes:
-    pool: 'gem' or 'avg'.
+    pool: 'gem', 'avg' or 'gem_mean_eps' (MMM's GeM form; see the module docstring).
     gem_p: GeM power (fixed, not learned).
     axis_name: mapped axis for synchronised BN statistics.
   """
@@ -163,7 +187,7 @@ class PartHead(nn.Module):
   Attributes:
     num_parts: number of horizontal stripes P.
     dim: reduced dimension per part.
-    pool: stripe pooling, 'gem' or 'avg'.
+    pool: stripe pooling, a name in `POOLS`.
     gem_p: GeM power.
     axis_name: mapped axis for synchronised BN statistics.
   """

@@ -5,6 +5,10 @@ stages [specific_stages, 5) are `shared`. In training, the RGB and IR batches ru
 own stages, are concatenated as [RGB; IR] with a static split, and take one pass through the
 shared trunk, so shared BatchNorm statistics cover both modalities as in the references.
 
+AGW / MMM (mmm.md §3) is `specific_stages=1, head='global', non_local='agw'` with
+`pool='gem_mean_eps'` (MMM's GeM form): the non-local blocks sit in layer2 and layer3, hence in
+`shared`.
+
 Create variables with `ReidNet(...).init(key, rgb, ir, train=False)`: `__call__` touches both
 streams, so both get parameters, and `train=False` keeps init from needing a mutable
 `batch_stats` (the running averages are created either way). `init(key, images, modality,
@@ -24,7 +28,13 @@ import jax
 import jax.numpy as jnp
 
 from maumjax.models.heads import GlobalHead, PartHead, l2_normalize
-from maumjax.models.resnet import NUM_STAGES, ResNet, get_arch, stage_output_channels
+from maumjax.models.resnet import (
+  NUM_STAGES,
+  ResNet,
+  get_arch,
+  non_local_positions,
+  stage_output_channels,
+)
 
 # Integer modality codes, as the data pipeline stores them (`modality = camera is IR`).
 MODALITY_RGB = 0
@@ -41,13 +51,15 @@ class ReidNet(nn.Module):
     specific_stages: stages [0, specific_stages) are modality-specific; 0 = fully shared,
       1 = two-stream stem (AGW default), up to 5 = two complete backbones.
     head: 'global', 'parts' or 'both'.
-    pool: global-head pooling, 'gem' or 'avg'.
-    part_pool: stripe pooling, 'gem' or 'avg'.
+    pool: global-head pooling, 'gem', 'avg' or 'gem_mean_eps' (`maumjax.models.heads.POOLS`).
+    part_pool: stripe pooling, one of the same.
     gem_p: GeM power for both heads.
     num_parts: number of horizontal stripes.
     part_dim: reduced dimension per part.
     axis_name: mapped axis for synchronised BN under shard_map/pmap; None otherwise.
     dtype: backbone compute dtype; parameters and head outputs stay float32.
+    non_local: 'none' or 'agw' (AGW's non-local blocks in layer2 and layer3, in whichever of
+      the streams and the shared trunk runs those stages; `maumjax.models.resnet.NonLocal`).
   """
 
   arch: str = "resnet50"
@@ -61,9 +73,11 @@ class ReidNet(nn.Module):
   part_dim: int = 256
   axis_name: str | None = None
   dtype: Any = jnp.float32
+  non_local: str = "none"
 
   def setup(self) -> None:
     get_arch(self.arch)
+    non_local_positions(self.arch, self.non_local)  # validates the name
     if not 0 <= self.specific_stages <= NUM_STAGES:
       raise ValueError(
           f"specific_stages must be in [0, {NUM_STAGES}] (0 = fully shared, 1 = two-stream "
@@ -71,7 +85,7 @@ class ReidNet(nn.Module):
     if self.head not in HEADS:
       raise ValueError(f"unknown head {self.head!r}; use one of {HEADS}")
     backbone = {"arch": self.arch, "last_stride": self.last_stride,
-                "axis_name": self.axis_name, "dtype": self.dtype}
+                "axis_name": self.axis_name, "dtype": self.dtype, "non_local": self.non_local}
     if self.specific_stages > 0:
       self.rgb = ResNet(start=0, stop=self.specific_stages, **backbone)
       self.ir = ResNet(start=0, stop=self.specific_stages, **backbone)

@@ -11,6 +11,13 @@ Stages: 0 is the stem (conv1 7x7/2, bn1, ReLU, 3x3/2 max-pool), 1..4 are layer1.
 whatever the range, so a two-stream model is assembled from a per-modality `ResNet(0, k)` and a
 shared `ResNet(k, 5)`, and each part loads from the same checkpoint.
 
+Non-local blocks (`non_local='agw'`, AGW and MMM; mmm.md §3): after the last 2 blocks of layer2
+and the last 3 of layer3 (after blocks 2, 3 and 3, 4, 5 of a resnet50; clipped to the blocks a
+smaller arch has), none in the stem, layer1 or layer4. They are named `nonlocal{L}_{i}` (after
+block i of layer L), apart from every torchvision name, and a ResNet creates only those of the
+stages it runs. Checkpoints hold none of them: `weights.load_backbone` leaves them at their
+init, where each block is the identity.
+
 Padding is explicit and symmetric everywhere (7x7: 3, 3x3 and max-pool: 1). Flax `'SAME'` pads
 asymmetrically for stride 2 on even sizes and would not match torch (stack.md §7.4).
 
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +43,14 @@ BN_EPSILON = 1e-5
 
 # torchvision init: kaiming_normal_(mode='fan_out', nonlinearity='relu'), not truncated.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# torch's default Conv2d/Linear weight init, kaiming_uniform_(a=sqrt(5)): U(+-1/sqrt(fan_in)).
+torch_default_kernel_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+NON_LOCAL = ("none", "agw")
+# AGW's non_layers: non-local blocks after the last n blocks of layer1..layer4.
+_AGW_NON_LOCAL = (0, 2, 3, 0)
+# Module names of the non-local blocks, `nonlocal{L}_{i}`; no torchvision key maps to them.
+NON_LOCAL_NAME = re.compile(r"^nonlocal[1-4]_\d+$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +121,40 @@ def stage_output_channels(arch: str, stage: int = NUM_STAGES - 1) -> int:
   return spec.width * 2 ** (stage - 1) * spec.expansion
 
 
+def non_local_positions(arch: str, non_local: str = "agw") -> dict[int, tuple[int, ...]]:
+  """Where the non-local blocks go: stage (1..4 = layer1..layer4) -> 0-based block indices.
+
+  A block is inserted after each listed residual block. AGW's rule puts one after each of the
+  last n blocks of a layer, n = (0, 2, 3, 0) for layer1..layer4; a layer with fewer than n blocks
+  gets one after each of its blocks.
+
+  Args:
+    arch: a key of `ARCHS`.
+    non_local: 'none' (no blocks) or 'agw'.
+
+  Returns:
+    E.g. {2: (2, 3), 3: (3, 4, 5)} for resnet50 with 'agw', {2: (0,), 3: (0,)} for tiny, {} for
+    'none'.
+
+  Raises:
+    ValueError: unknown arch or `non_local` name.
+  """
+  spec = get_arch(arch)
+  if non_local not in NON_LOCAL:
+    raise ValueError(f"unknown non_local {non_local!r}; use one of {NON_LOCAL}")
+  if non_local == "none":
+    return {}
+  return {stage: tuple(range(max(blocks - n, 0), blocks))
+          for stage, (blocks, n) in enumerate(zip(spec.layers, _AGW_NON_LOCAL), start=1) if n}
+
+
+def _torch_default_bias_init(fan_in: int) -> Callable[..., jax.Array]:
+  """torch's default Conv2d/Linear bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / fan_in ** 0.5
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound,
+                                                                     bound)
+
+
 def _check_range(start: int, stop: int) -> None:
   if not 0 <= start < stop <= NUM_STAGES:
     raise ValueError(
@@ -164,6 +214,51 @@ class Bottleneck(nn.Module):
     return nn.relu(y + x)
 
 
+class NonLocal(nn.Module):
+  """AGW's non-local block with a residual connection; the identity at init.
+
+  theta, phi and g are 1x1 convs C -> K (with biases), K = `inter_channels`; AGW's formula for
+  K collapses to 1 (an inherited quirk kept by MMM). With N = H*W and the maps flattened to
+  [B, N, K], the affinity is f = theta phi^T / N (dot product, no softmax) and y = f g. `W_0`
+  (1x1 conv K -> C, with bias) and `W_1` (BatchNorm with scale and bias initialised to 0) map y
+  back to C channels; the output is W(y) + x. The zero BN makes the block the identity at init,
+  so it can sit in an ImageNet-pretrained trunk.
+
+  y is evaluated as theta (phi^T g) / N, which equals (theta phi^T / N) g but never forms the
+  N x N affinity (N = 648 on layer2's 36 x 18 map at 288 x 144). The products and the division
+  by N run in float32 whatever the compute dtype. The convs use torch's default init
+  (U(+-1/sqrt(fan_in)) for weights and biases), as AGW's blocks are not re-initialised.
+
+  Attributes:
+    norm: the ResNet's BatchNorm constructor (momentum, epsilon, axis_name, dtype policy).
+    inter_channels: K, 1 in AGW and MMM.
+    dtype: compute dtype of the convs.
+  """
+
+  norm: Callable[..., nn.Module]
+  inter_channels: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Maps [B, H, W, C] to [B, H, W, C] in `dtype`."""
+    b, h, w, c = x.shape
+    def conv(features, fan_in, name):
+      return nn.Conv(features, (1, 1), padding="VALID", dtype=self.dtype,
+                     param_dtype=jnp.float32, kernel_init=torch_default_kernel_init,
+                     bias_init=_torch_default_bias_init(fan_in), name=name)
+    k = self.inter_channels
+    theta, phi, g = (conv(k, c, name)(x).reshape(b, h * w, k).astype(jnp.float32)
+                     for name in ("theta", "phi", "g"))
+    exact = jax.lax.Precision.HIGHEST  # O(N K^2) flops: no reason for TF32/bf16 passes
+    phi_g = jnp.einsum("bmk,bml->bkl", phi, g, precision=exact) / (h * w)
+    y = jnp.einsum("bnk,bkl->bnl", theta, phi_g, precision=exact)
+    y = conv(c, k, "W_0")(y.reshape(b, h, w, k).astype(self.dtype))
+    y = self.norm(scale_init=nn.initializers.zeros, bias_init=nn.initializers.zeros,
+                  name="W_1")(y)
+    return y + x
+
+
 class ResNet(nn.Module):
   """Stages [start, stop) of a torchvision-layout ResNet.
 
@@ -179,6 +274,8 @@ class ResNet(nn.Module):
       (synchronised BN); None for per-call statistics (plain jit gives global-batch stats).
     dtype: compute dtype of the convs (e.g. jnp.bfloat16). Parameters are always float32, and
       BatchNorm computes its statistics and normalisation in float32 before casting back.
+    non_local: 'none' (torchvision's ResNet) or 'agw' (`NonLocal` blocks where
+      `non_local_positions` puts them, for the stages in [start, stop)).
   """
 
   arch: str = "resnet50"
@@ -188,6 +285,7 @@ class ResNet(nn.Module):
   num_classes: int | None = None
   axis_name: str | None = None
   dtype: Any = jnp.float32
+  non_local: str = "none"
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -202,10 +300,12 @@ class ResNet(nn.Module):
       The feature map [B, H', W', C'] in `dtype`, or float32 logits [B, num_classes].
 
     Raises:
-      ValueError: invalid stage range, last_stride, num_classes use, or input channels.
+      ValueError: invalid stage range, last_stride, num_classes use, input channels, or
+        non_local name.
     """
     spec = get_arch(self.arch)
     _check_range(self.start, self.stop)
+    non_local = non_local_positions(self.arch, self.non_local)
     if self.last_stride not in (1, 2):
       raise ValueError(f"last_stride must be 1 or 2, got {self.last_stride}")
     if self.num_classes is not None and self.stop != NUM_STAGES:
@@ -244,18 +344,17 @@ class ResNet(nn.Module):
         downsample = i == 0 and (strides != 1 or in_channels != features * spec.expansion)
         x = block_cls(features, strides, downsample, norm, self.dtype,
                       name=f"layer{stage}_{i}")(x)
+        if i in non_local.get(stage, ()):
+          x = NonLocal(norm, dtype=self.dtype, name=f"nonlocal{stage}_{i}")(x)
 
     if self.num_classes is None:
       return x
     pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     fan_in = pooled.shape[-1]
     # torch.nn.Linear default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
-    bound = 1.0 / fan_in ** 0.5
     return nn.Dense(self.num_classes, param_dtype=jnp.float32,
-                    kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
-                    bias_init=lambda key, shape, dtype: jax.random.uniform(
-                        key, shape, dtype, -bound, bound),
-                    name="fc")(pooled)
+                    kernel_init=torch_default_kernel_init,
+                    bias_init=_torch_default_bias_init(fan_in), name="fc")(pooled)
 
 
 def feature_map_size(height: int, width: int, last_stride: int = 1) -> tuple[int, int]:

@@ -25,8 +25,10 @@ transposed.
 
 Loading (`load_backbone`) copies the converted tensors into a `ReidNet`'s `rgb`, `ir` (both get
 the same ImageNet tensors for their stages) and `shared` modules, strictly: every backbone
-variable must be found with its exact shape, checked before any tensor data is read. Record
-`LoadReport.sha256` in the run metadata (stack.md §7.4).
+variable must be found with its exact shape, checked before any tensor data is read. The one
+exception is the non-local blocks (`non_local='agw'`, modules `nonlocal{L}_{i}`), which no
+torchvision checkpoint has: they keep their init, the identity, and are listed in
+`LoadReport.kept`. Record `LoadReport.sha256` in the run metadata (stack.md §7.4).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ import numpy as np
 
 from maumjax.errors import UserError, one_line
 from maumjax.models.reid import BACKBONE_MODULES, ReidNet
-from maumjax.models.resnet import ARCHS, NUM_STAGES
+from maumjax.models.resnet import ARCHS, NON_LOCAL_NAME, NUM_STAGES
 
 _STORAGE_DTYPES: dict[str, Any] = {
   "DoubleStorage": np.float64, "FloatStorage": np.float32, "HalfStorage": np.float16,
@@ -642,12 +644,15 @@ class LoadReport:
     unused: torch keys not copied anywhere (`fc.*`; `num_batches_tracked` is dropped silently).
     source: the file path, or '<state dict>' when given a mapping.
     sha256: hex SHA-256 of the file; None when given a mapping.
+    kept: flax paths of backbone variables left at their init because torchvision has no such
+      tensors: the non-local blocks' (e.g. 'params/shared/nonlocal2_2/theta/kernel').
   """
 
   loaded: tuple[str, ...]
   unused: tuple[str, ...]
   source: str
   sha256: str | None
+  kept: tuple[str, ...] = ()
 
 
 def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
@@ -680,6 +685,7 @@ def load_backbone(variables: Mapping[str, Any],
 
   Both modality streams receive the same tensors for their stages; `shared` receives the rest.
   Heads (and any other collection or module) are copied through unchanged; `fc` is unused.
+  Non-local blocks, which torchvision lacks, keep their values (`LoadReport.kept`).
   A file's tensors are checked against the model's shapes before any tensor data is read, and
   only the tensors the model uses are read.
 
@@ -727,12 +733,16 @@ def load_backbone(variables: Mapping[str, Any],
         f"{type(model).__name__}(specific_stages={model.specific_stages}) has; pass the variables from this "
         f"model's own init")
   plan = []  # (collection, module, flax path, torch key, perm, dtype), all shapes checked
+  kept = []  # non-local block variables: not in torchvision checkpoints, left at their init
   for collection in _COLLECTIONS:
     for module in BACKBONE_MODULES:
       if module not in variables.get(collection, {}):
         continue
       for flax_path, leaf in _flatten(variables[collection][module]).items():
         where = f"{collection}/{module}/{'/'.join(flax_path)}"
+        if NON_LOCAL_NAME.match(flax_path[0]):
+          kept.append(where)
+          continue
         if (collection, flax_path) not in mapped:
           raise WeightsError(
               f"{where} (torch key {_torch_key(flax_path)!r}) is missing from {source!r}; "
@@ -765,4 +775,4 @@ def load_backbone(variables: Mapping[str, Any],
     node[flax_path[-1]] = jnp.asarray(value if perm is None else value.transpose(perm),
                                       dtype=dtype)
     loaded.append(f"{collection}/{module}/{'/'.join(flax_path)}")
-  return new, LoadReport(tuple(loaded), tuple(unused), source, digest)
+  return new, LoadReport(tuple(loaded), tuple(unused), source, digest, tuple(kept))

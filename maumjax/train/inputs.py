@@ -38,16 +38,19 @@ def data_info(pipe: pipeline_lib.TrainPipeline, config: Mapping[str, Any]) -> ap
 
 
 def check_labels(labels: Any, num_records: int, who: str) -> np.ndarray:
-  """Validates relabelled training labels: int [N] with -1 for records left out.
+  """Validates relabelled training labels: int [N], or int [N, L] label columns (e.g. MMM stage
+  2's per-modality and joint clusters), with -1 for records left out (of a column).
 
   Raises:
     ValueError: wrong shape, non-integers, or values below -1; names `who` (the method).
   """
   arr = np.asarray(labels)
-  if arr.shape != (num_records,) or not np.issubdtype(arr.dtype, np.integer):
+  shape_ok = (arr.ndim in (1, 2) and arr.shape[0] == num_records
+              and (arr.ndim == 1 or arr.shape[1] >= 1))
+  if not shape_ok or not np.issubdtype(arr.dtype, np.integer):
     raise ValueError(f"{who}.on_epoch_start returned labels of shape {arr.shape} and dtype "
-                     f"{arr.dtype}; expected int [{num_records}] (one label per train record, "
-                     "-1 for records left out)")
+                     f"{arr.dtype}; expected int [{num_records}] (one label per train record) or "
+                     f"int [{num_records}, L] (L label columns), -1 for records left out")
   if arr.size and arr.min() < -1:
     raise ValueError(f"{who}.on_epoch_start returned label {int(arr.min())}; labels are >= 0, "
                      "or -1 for records left out")

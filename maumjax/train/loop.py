@@ -29,6 +29,7 @@ run with `checkpoint.CheckpointSaveError` (one line: the folder and the OS reaso
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -216,7 +217,7 @@ def _train_and_evaluate(method, config: dict[str, Any], workdir: Path, max_steps
   before = {k: float(meta.get(k, 0.0)) for k in ("train_seconds", "timed_seconds", "timed_images")}
   # The training labels in force and the epoch the current iterator starts at: a method that
   # relabels the data gets a new pipeline (same epoch length) from that epoch on.
-  labels = meta.get("labels")
+  labels = None if meta.get("labels") is None else np.asarray(meta["labels"], np.int64)
   iter_start = int(meta.get("iterator_start_epoch", 0))
 
   base_pipe = pipe
@@ -228,6 +229,7 @@ def _train_and_evaluate(method, config: dict[str, Any], workdir: Path, max_steps
         steps_per_epoch=steps_per_epoch, store=base_pipe.store)
     return pipe.iterator(config["num_epochs"] - start_epoch, start_epoch=start_epoch)
 
+  paths = functools.cache(lambda: pipeline_lib.read_paths(source))
   iterator = open_iterator(None if labels is None else np.asarray(labels, np.int64), iter_start)
   if meta.get("data_iterator") is not None:
     iterator.set_state(meta["data_iterator"])
@@ -251,7 +253,7 @@ def _train_and_evaluate(method, config: dict[str, Any], workdir: Path, max_steps
             "iterator_start_epoch": iter_start,
             **{k: round(v, 3) for k, v in run_times().items()}}
     if labels is not None:
-      meta["labels"] = [int(x) for x in labels]
+      meta["labels"] = np.asarray(labels, np.int64).tolist()  # [N] or [N, L] label columns
     ckpt.save(step, placement.get_state(dstate), meta, force=force)
 
   def check_finite(s: int, m) -> None:
@@ -300,8 +302,11 @@ def _train_and_evaluate(method, config: dict[str, Any], workdir: Path, max_steps
           pending = None
         jax.block_until_ready(dstate)
         timer.pause()
+        log = None if writer is None else (
+            lambda values, kind, s=step, e=epoch: writer.write(s, values, kind=kind, epoch=e))
         host_state, new_labels = on_epoch_start(setup, placement.get_state(dstate), epoch,
-                                                _epoch_data(base_pipe, pipe, pipe_cfg))
+                                                _epoch_data(base_pipe, pipe, pipe_cfg, log,
+                                                            paths))
         dstate = placement.put_state(host_state)
         del host_state
         if new_labels is not None:
@@ -478,8 +483,9 @@ def _headline(summary: dict[str, dict[str, float]]) -> str:
 
 
 def _epoch_data(base: pipeline_lib.TrainPipeline, current: pipeline_lib.TrainPipeline,
-                pipe_cfg) -> api.EpochData:
-  """What `on_epoch_start` may read: dataset metadata, in-use mask, labels in force, images."""
+                pipe_cfg, log=None, paths=None) -> api.EpochData:
+  """What `on_epoch_start` may read: dataset metadata, in-use mask, labels in force, images,
+  the records' paths and the run's scalar log."""
   return api.EpochData(metadata=base.metadata, keep=base.keep,
                        labels=current.metadata["label"], images=base.store.__getitem__,
-                       pipeline=pipe_cfg)
+                       pipeline=pipe_cfg, log=log, paths=paths)

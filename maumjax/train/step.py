@@ -14,8 +14,9 @@ For ONE device's shard of the global batch, in pmap semantics (`maumjax.train.pa
    global loss;
 4. the optax update; BatchNorm running statistics averaged over devices when the method keeps
    per-device batch statistics (`ctx.sync_bn=False`);
-5. `parts.after(state, new_params, finite)`: method state written from the updated parameters
-   (and parameters the method constrains, e.g. proxies kept on the unit sphere);
+5. `parts.after(state, new_params, finite[, aux])`: method state written from the updated
+   parameters (and parameters the method constrains, e.g. proxies kept on the unit sphere), or
+   from what the loss computed (`parts.aux`: MMM's memory update from the step's features);
 6. the finite guard: a step whose loss, gradients or update are not finite is not applied
    (parameters, statistics, optimiser state and step stay as they were, the method skips its
    writes) and `metrics['finite']` is 0, which stops the loop before anything is saved;
@@ -67,18 +68,19 @@ def make_train_step(parts: api.StepParts, *, tx: optax.GradientTransformation,
   """
 
   def loss_fn(params, state, batch, rng):
-    terms, batch_stats = parts.loss(params, state, batch, rng)
+    terms, batch_stats, *aux = parts.loss(params, state, batch, rng)
     total = weighted_total(terms, parts.weights)
     # Every device computes the same global loss; its share makes the psum of the gradients
     # the gradient of the global loss.
-    return total / ctx.devices, (total, terms, batch_stats)
+    aux = jax.lax.stop_gradient(aux[0]) if parts.aux else None
+    return total / ctx.devices, (total, terms, batch_stats, aux)
 
   def step(state: state_lib.TrainState, batch: Mapping[str, Any]):
     batch = pipeline_lib.device_augment(batch, pipeline, keep_pixels=parts.pixels)
     rng = jax.random.fold_in(state.rng, state.step)
     if parts.before is not None:
       state = state.replace(method_state=parts.before(state))
-    grads, (total, terms, batch_stats) = jax.grad(loss_fn, has_aux=True)(
+    grads, (total, terms, batch_stats, aux) = jax.grad(loss_fn, has_aux=True)(
         state.params, state, batch, rng)
     grads = parallel.psum(grads, ctx.axis_name)
     if not ctx.sync_bn:
@@ -92,7 +94,8 @@ def make_train_step(parts: api.StepParts, *, tx: optax.GradientTransformation,
     params = optax.apply_updates(state.params, updates)
     method_state = state.method_state
     if parts.after is not None:
-      params, method_state = parts.after(state, params, finite)
+      params, method_state = (parts.after(state, params, finite, aux) if parts.aux
+                              else parts.after(state, params, finite))
     # A non-finite step is not applied. The selects are elementwise on values the update
     # computes anyway, so XLA fuses them into the update (no extra pass over the state); the
     # method gates its own state writes with `finite` (in place, e.g. one bank slot).

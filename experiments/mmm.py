@@ -1,0 +1,183 @@
+"""MMM entry point: `python -m experiments.mmm [--config=...:PRESET] [--config.x=y] [--workdir=D]`.
+
+With no arguments: writes the built-in synthetic SYSU-MM01-layout data into the cache
+(`~/.cache/maumjax`, or $MAUMJAX_CACHE), then runs MMM's stages without reading a training
+identity label: stage 1 (per-modality clustering memories), stage 2 (+ the joint
+cross-modality memory), the export and multi-memory matching (MMLM), and the final stage
+(fixed matched pseudo-labels, GMM-weighted CE + triplet + Intra + Inter). Each stage's trainer
+run is a folder of the workdir (stage1/, stage2/, final/; mmlm/ holds the matched labels), each
+evaluated with the full protocol; the last one's Rank-1 / mAP / mINP are printed.
+`diagnostics.png` draws the pseudo-labels' agreement with the ground truth over the stages
+(ARI, NMI, purity, ...; the ground truth is read only for this report).
+
+A stage whose run finished is not run again when the same --workdir is started again; an
+interrupted one resumes from its last checkpoint. `--config.stages=stage1,stage2` runs a
+subset (a stage needs the earlier ones' results in the workdir). Presets and switches:
+experiments/configs/mmm.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from experiments import cli
+from experiments import launch
+from maumjax.errors import UserError
+
+STAGES = ("stage1", "stage2", "mmlm", "final")
+TRAINED = ("stage1", "stage2", "final")
+TOP_LEVEL = ("method", "preset", "seed", "parallel", "distributed", "coordinator_address",
+             "num_processes", "process_id")
+
+
+def parse_stages(text: str) -> tuple[str, ...]:
+  """'stage1,stage2' -> ('stage1', 'stage2'), checked: known names, in pipeline order."""
+  stages = tuple(s.strip() for s in str(text).split(",") if s.strip())
+  unknown = [s for s in stages if s not in STAGES]
+  if unknown or not stages:
+    raise UserError(f"config.stages={text!r}: name stages from {STAGES}, comma-separated")
+  order = [STAGES.index(s) for s in stages]
+  if order != sorted(set(order)):
+    raise UserError(f"config.stages={text!r}: list each stage once, in the order {STAGES}")
+  return stages
+
+
+def stage_config(config: dict[str, Any], stage: str, workdir: Path,
+                 num_classes: int = 0) -> dict[str, Any]:
+  """The trainer config of one trained stage (a plain dict, as config.json stores it)."""
+  out = {k: copy.deepcopy(config[k]) for k in TOP_LEVEL}
+  for section in ("data", "model", "train", "eval"):
+    out[section] = copy.deepcopy(config[section])
+  sc = config[stage]
+  out["num_epochs"] = sc["num_epochs"]
+  out["optim"] = copy.deepcopy(sc["optim"])
+  pipe = dict(sc["pipeline"])
+  if stage == "stage2":  # two optimiser steps (per-modality, joint) per iteration
+    pipe["steps_per_epoch"] = 2 * int(pipe["steps_per_epoch"])
+  if stage == "final":
+    pipe["warm_epochs"] = config["mmm"]["warm_epochs"]
+  out["data"]["pipeline"].update(pipe)
+  mmm = dict(config["mmm"], stage=stage)
+  if stage == "stage2":
+    mmm["init_from"] = str(workdir / "stage1")
+  if stage == "final":
+    mmm.update(labels_file=str(workdir / "mmlm" / "labels.npz"), num_classes=num_classes)
+  out["mmm"] = mmm
+  return out
+
+
+def _needs(workdir: Path, stage: str, what: Path) -> None:
+  if not what.exists():
+    raise UserError(f"stage {stage} needs {what}, which an earlier stage writes; run the "
+                    f"earlier stages first (e.g. --config.stages={','.join(STAGES)})")
+
+
+def _diagnostics_records(workdir: Path) -> list[dict[str, Any]]:
+  """The pseudo-label diagnostics of every stage so far, in pipeline order."""
+  from maumjax.train import writers
+
+  records = []
+  for stage in STAGES:
+    if stage == "mmlm":
+      path = workdir / "mmlm" / "mmlm.json"
+      if path.is_file():
+        summary = json.loads(path.read_text())
+        if "after" in summary:
+          records.append({"stage": "mmlm", "epoch": 0, **summary["after"]})
+      continue
+    if (workdir / stage / "log.jsonl").is_file():
+      for r in writers.read_log(workdir / stage, kind="pseudo_labels"):
+        records.append({**r, "stage": stage})
+  return records
+
+
+def run_stages(config, workdir: str | Path, *, config_change=()) -> dict[str, Any]:
+  """Runs the config's stages in `workdir`; returns {stage: metrics or MMLM summary}."""
+  from maumjax import diagnostics
+  from maumjax.methods import mmm as mmm_method
+  from maumjax.train import loop
+
+  config = json.loads(json.dumps(config.to_dict() if hasattr(config, "to_dict") else config))
+  workdir = Path(workdir)
+  stages = parse_stages(config["stages"])
+  results: dict[str, Any] = {}
+  num_classes = 0
+  for stage in STAGES:
+    if stage not in stages:
+      continue
+    if stage == "mmlm":
+      out = workdir / "mmlm"
+      if (out / "mmlm.json").is_file() and (out / "labels.npz").is_file():
+        print(f"mmlm: done earlier ({out}), not run again")
+        results[stage] = json.loads((out / "mmlm.json").read_text())
+      else:
+        _needs(workdir, stage, workdir / "stage2" / "metrics.json")
+        print(f"mmlm: export and matching of {workdir / 'stage2'} into {out}")
+        results[stage] = mmm_method.export_and_match(
+            stage_config(config, "stage2", workdir), workdir / "stage2", out,
+            **config["mmlm"])
+      s = results[stage]
+      print(f"mmlm: {s['clusters_rgb']} visible and {s['clusters_ir']} infrared clusters -> "
+            f"{s['num_classes']} classes")
+      continue
+    if stage == "stage2":
+      _needs(workdir, stage, workdir / "stage1" / "metrics.json")
+    if stage == "final":
+      _needs(workdir, stage, workdir / "mmlm" / "mmlm.json")
+      num_classes = json.loads((workdir / "mmlm" / "mmlm.json").read_text())["num_classes"]
+    run_dir = workdir / stage
+    if (run_dir / "metrics.json").is_file():
+      print(f"{stage}: finished earlier ({run_dir}), not run again")
+      results[stage] = json.loads((run_dir / "metrics.json").read_text())
+    else:
+      print(f"{stage}: training in {run_dir}")
+      results[stage] = loop.train_and_evaluate(
+          stage_config(config, stage, workdir, num_classes), run_dir,
+          config_change=tuple(config_change))
+    print(f"{stage}:\n{results[stage]['table']}")
+  records = _diagnostics_records(workdir)
+  if records:
+    png = diagnostics.plot_history(records, workdir / "diagnostics.png",
+                                   title=f"MMM pseudo-labels ({config['preset']})")
+    print(f"pseudo-label diagnostics: {png}")
+  return results
+
+
+def main() -> None:
+  default = str(launch.CONFIG_DIR / "mmm.py")
+  config_file = cli.load_config("config", default)
+  config_flag, workdir_flag, change_flag = launch._define_flags(default)  # noqa: SLF001
+
+  def _main(argv):
+    from absl import app, logging
+
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}; flags are --name=value")
+    logging.set_verbosity(logging.WARNING)
+    config = config_flag.value
+    parse_stages(config.stages)
+    # The method, --config_change, the workdir path, the eval fields and the pretrained file
+    # are checked before any data is prepared, as for every entry point.
+    launch._check("mmm", config, workdir_flag.value, change_flag.value)  # noqa: SLF001
+    from maumjax import compilation_cache
+    from maumjax.data import prepare
+
+    compilation_cache.enable()
+    workdir = workdir_flag.value or str(
+        prepare.cache_root() / "runs" / f"mmm-{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    print(f"workdir: {workdir}")
+    results = run_stages(config, workdir, config_change=change_flag.value)
+    last = [s for s in TRAINED if s in results]
+    if last:
+      r = results[last[-1]]
+      print(f"MMM result ({last[-1]}):\n{r['table']}")
+
+  cli.run(_main, config=config_file)
+
+
+if __name__ == "__main__":
+  main()
