@@ -274,14 +274,23 @@ def describe_phase(setup: api.Setup, phase_: int) -> str | None:
   return "warm-up over; per-sample GMM weights and " + " + ".join(terms)
 
 
-def exchange_view(rgb: dict[str, jax.Array], rng: jax.Array,
-                  aug: augment_lib.AugmentConfig) -> jax.Array:
+def exchange_view(rgb: dict[str, jax.Array], rng: jax.Array, aug: augment_lib.AugmentConfig,
+                  ctx: api.StepContext | None = None) -> jax.Array:
   """The visible second view: the first view's augmented pixels with one of R, G, B copied to
-  all channels (CAJ channel exchange, mmm.md §4), normalised and erased like the first."""
+  all channels (CAJ channel exchange, mmm.md §4), normalised and erased like the first.
+
+  The channels are drawn for the global batch and each device takes its rows, so a step on
+  several devices sees the same views as on one.
+  """
   cfg = dataclasses.replace(aug, channel_mode="exchange", channel_p=1.0)
   params = dict(rgb["aug"])
-  params["channel"] = jax.random.randint(rng, params["channel"].shape, 0, 3).astype(
-      params["channel"].dtype)
+  b = params["channel"].shape[0]
+  if ctx is not None and ctx.axis_name is not None:
+    k = jax.random.randint(rng, (b * ctx.devices,), 0, 3)
+    k = jax.lax.dynamic_slice(k, (jax.lax.axis_index(ctx.axis_name) * b,), (b,))
+  else:
+    k = jax.random.randint(rng, (b,), 0, 3)
+  params["channel"] = k.astype(params["channel"].dtype)
   return augment_lib.apply_jax_tensor(rgb["pixels"], params, cfg)
 
 
@@ -316,7 +325,7 @@ def _cluster_parts(setup: api.Setup, ctx: api.StepContext) -> api.StepParts:
 
   def loss_fn(params, state, batch, rng):
     v1 = batch["rgb"]["image"]
-    v2 = exchange_view(batch["rgb"], rng, s.aug_rgb)
+    v2 = exchange_view(batch["rgb"], rng, s.aug_rgb, ctx)
     b = v1.shape[0]
     out, stats = _forward(model, params, state, v1, v2, batch["ir"]["image"])
     bn = out["bn"][:, 0]
@@ -362,7 +371,7 @@ def _final_parts(setup: api.Setup, phase_: int, ctx: api.StepContext) -> api.Ste
 
   def loss_fn(params, state, batch, rng):
     v1 = batch["rgb"]["image"]
-    v2 = exchange_view(batch["rgb"], rng, s.aug_rgb)
+    v2 = exchange_view(batch["rgb"], rng, s.aug_rgb, ctx)
     b = v1.shape[0]
     out, stats = _forward(model, params, state, v1, v2, batch["ir"]["image"])
     logits = out["bn"][:, 0].astype(jnp.float32) @ params["classifier"]

@@ -137,6 +137,41 @@ def test_stage2_alternates_per_modality_and_joint_steps():
     np.testing.assert_allclose(float(metrics["nce_ir"]), nce(f_ir, y_ir, m_ir), rtol=1e-4)
 
 
+def test_a_joint_step_on_four_devices_equals_one_device():
+  """shard_map over 4 simulated devices vs 1: the same loss, parameters and memories after a
+  joint (odd) step: the two visible views and the labels are gathered in the same order."""
+  from maumjax.train import parallel
+  from tests.train.test_parallel import _assert_same
+
+  config = _stage_config("stage2", max_clusters=12)
+  setup = _setup(config)
+  rng = np.random.default_rng(3)
+  mem = {k: jnp.asarray(_unit(rng.normal(size=(12, setup.config.feature_dim)))
+                        .astype(np.float32)) for k in mmm.MEMORIES}
+  state = setup.state.replace(method_state=mem, step=jnp.asarray(1, jnp.int32))
+  labels = {n: np.stack([rng.integers(0, 6, B), rng.integers(6, 12, B)], 1).astype(np.int32)
+            for n in ("rgb", "ir")}
+  batch = _batch(rng, labels)
+  pipe = pipeline_lib.PipelineConfig(augment_rgb="none", augment_ir="none")
+  results = {}
+  for mode, devices in (("none", 1), ("shard_map", 4)):
+    ctx = api.StepContext(axis_name=None if devices == 1 else parallel.DATA_AXIS,
+                          devices=devices)
+    fn = step_lib.method_step(mmm, setup, 0, pipeline=pipe, ctx=ctx)
+    compiled = parallel.CompiledStep(fn, mode)
+    out, metrics = compiled(compiled.put_state(state), compiled.put_batch(batch))
+    results[mode] = (compiled.get_state(out), compiled.get_metrics(metrics))
+  (s1, m1), (s4, m4) = results["none"], results["shard_map"]
+  for term in ("loss", "nce_rgb", "nce_ir"):
+    np.testing.assert_allclose(m1[term], m4[term], rtol=1e-5, err_msg=term)
+  _assert_same(jax.tree.map(np.asarray, s4.params), jax.tree.map(np.asarray, s1.params),
+               "params (shard_map vs none)")
+  for k in mmm.MEMORIES:
+    np.testing.assert_allclose(np.asarray(s4.method_state[k]), np.asarray(s1.method_state[k]),
+                               atol=2e-5, err_msg=k)
+  assert not np.array_equal(np.asarray(s1.method_state["all"]), np.asarray(mem["all"]))
+
+
 class _Images:
   def __init__(self, images):
     self.images = images
