@@ -56,7 +56,7 @@ def _mmm() -> dict:
               mem_momentum=0.1, mem_update="sequential", warm_epochs=5, use_ce=True,
               use_triplet=True, margin=0.2, intra=True, intra_form="l1_weighted", sm_w=0.5,
               intra_start=5, inter=True, inter_norm="code", md_w=0.05, inter_start=5,
-              gmm_pass_mode="eval", diagnostics=True, joint_fallback="all_clusters")
+              gmm_pass_mode="train", diagnostics=True, joint_fallback="all_clusters")
 
 
 def _memory_stage(epochs: int, iters: int) -> ml_collections.ConfigDict:

@@ -40,14 +40,14 @@ Deviations from the code, recorded [I]:
 * The visible second view (channel exchange) is made on the device from the first view's
   augmented pixels: the two views share the crop, flip and erasing box (the code draws them
   independently) and differ by the exchanged channel.
-* The GMM pass and the prototype pass run in eval mode without augmentation over every
-  training image (`gmm_pass_mode='eval'`); the code runs the GMM pass in train mode with the
-  training augmentation (BN running statistics move) and the prototype pass over the epoch's
-  sampled batches. The prototype of a label divides by its member count, as the code does.
+* The prototype pass runs in eval mode without augmentation over every training image; the
+  code runs it in train mode over the epoch's sampled batches. The prototype of a label divides
+  by its member count, as the code does. The GMM pass is the code's (train mode, training
+  augmentation, `gmm_pass_mode='train'`) or, as a switch, eval mode without augmentation.
 * In the joint step both modalities are scored against the memory as it was before the step;
   the code's infrared loss reads the memory already updated by the visible branch.
 * Single-device BN over the global batch (the code ran 2-GPU DataParallel).
-Not yet: the paper's online pipeline (`pipeline='paper_online'`), the train-mode GMM pass.
+Not yet: the paper's online pipeline (`pipeline='paper_online'`).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ from maumjax.train import state as state_lib
 
 STAGES = ("stage1", "stage2", "final")
 PIPELINES = ("code_offline",)
-GMM_PASS_MODES = ("eval",)
+GMM_PASS_MODES = ("train", "eval")
 JOINT_FALLBACKS = ("all_clusters", "error")
 VISIBLE, INFRARED = 0, 1
 MEMORIES = ("rgb", "ir", "all")
@@ -116,8 +116,11 @@ class MMMConfig:
     inter: the Inter (MMD) term. inter_norm: 'code' or 'paper' (`losses.INTER_NORMS`).
     md_w: Inter's weight. [CODE/P 0.05]
     inter_start: first epoch of Inter. [CODE 5; paper 15]
-    gmm_pass_mode: how the per-sample losses of the GMM are computed; 'eval' (see the module
-      docstring's deviations).
+    gmm_pass_mode: how the per-sample CE losses of the GMM are computed: 'train' (code) runs
+      the network in train mode with the training augmentation over every training image,
+      visible and infrared shuffled and paired as the all-sampler does, in batches of
+      `feature_batch` pairs, and keeps the BN running statistics it moves; 'eval' uses the
+      running statistics and no augmentation (nothing moves).
     diagnostics: log the pseudo-labels' agreement with the ground truth (ARI, NMI, purity,
       ...; read for reporting only) after every clustering.
     joint_fallback: stage 2, an epoch whose joint clustering has no cluster holding both
@@ -154,7 +157,7 @@ class MMMConfig:
   inter_norm: str = "code"
   md_w: float = 0.05
   inter_start: int = 5
-  gmm_pass_mode: str = "eval"
+  gmm_pass_mode: str = "train"
   diagnostics: bool = True
   joint_fallback: str = "all_clusters"
 
@@ -182,6 +185,8 @@ class Settings:
   aug_rgb: augment_lib.AugmentConfig
   num_identities: int
   feature_dim: int
+  aug_ir: augment_lib.AugmentConfig = augment_lib.AugmentConfig()
+  seed: int = 0
 
 
 def _check_model(model_cfg: dict[str, Any]) -> dict[str, Any]:
@@ -251,7 +256,7 @@ def init(config: dict[str, Any], data: api.DataInfo, *, seed: int = 0) -> api.Se
                      f"{pipe.get('warm_epochs', 0)}: the warm-up epochs draw every image (the "
                      "'all' sampler), so both must agree")
   settings = Settings(cfg, augment_lib.preset(pipe["augment_rgb"]), int(pipe["num_identities"]),
-                      dim)
+                      dim, augment_lib.preset(pipe["augment_ir"]), int(pipe.get("seed", 0)))
   return api.Setup(model=model, tx=tx, state=state, config=settings, data=data,
                    load_report=report)
 
@@ -648,13 +653,13 @@ def _final_epoch(setup: api.Setup, state, epoch: int, data: api.EpochData):
   is_ir = np.asarray(data.metadata["modality"])[kept] == INFRARED
   rgb, ir = kept[~is_ir], kept[is_ir]
   variables = jax.device_get(state.params)
+  mstate = dict(state.method_state)
+  weights = np.asarray(mstate["weights"]).copy()
   rng = np.random.default_rng([epoch, 7])
   exchange = rng.integers(0, 3, size=len(rgb))
   o1 = extract(setup, state, data, rgb)
   o2 = extract(setup, state, data, rgb, exchange=exchange)
   oi = extract(setup, state, data, ir)
-  mstate = dict(state.method_state)
-  weights = np.asarray(mstate["weights"]).copy()
   if epoch > cfg.warm_epochs:
     # The prototypes of the epoch that just ended, with its weights (mmm.md §7.6).
     proto = np.zeros((3, cfg.num_classes, setup.config.feature_dim), np.float32)
@@ -676,8 +681,12 @@ def _final_epoch(setup: api.Setup, state, epoch: int, data: api.EpochData):
     logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
     return -logp[np.arange(len(y)), y]
 
-  c1, c2 = ce(o1, labels[rgb]), ce(o2, labels[rgb])
-  ci = ce(oi, labels[ir])
+  if cfg.gmm_pass_mode == "train":
+    c1, c2, ci, stats = train_mode_losses(setup, state, data, rgb, ir, labels, epoch)
+    state = state.replace(batch_stats=stats)
+  else:
+    c1, c2 = ce(o1, labels[rgb]), ce(o2, labels[rgb])
+    ci = ce(oi, labels[ir])
   w1, w2 = cluster_lib.clean_probability(c1, c2)
   (wi,) = cluster_lib.clean_probability(ci)
   weights[rgb, 0], weights[rgb, 1], weights[ir, 2] = w1, w2, wi
@@ -685,6 +694,78 @@ def _final_epoch(setup: api.Setup, state, epoch: int, data: api.EpochData):
   _log(data, {"weight_rgb_mean": float(np.mean(np.concatenate([w1, w2]))),
               "weight_ir_mean": float(np.mean(wi))}, kind="gmm")
   return state.replace(method_state=mstate), new_labels
+
+
+_TRAIN_PASS_CACHE: dict[Any, Any] = {}
+
+
+def _train_pass_fn(setup: api.Setup):
+  """A jitted train-mode forward of one all-sampler batch: augmented views and infrared images
+  in, per-row CE against the labels and the moved BN statistics out."""
+  s = setup.config
+  model = setup.model
+  if model not in _TRAIN_PASS_CACHE:
+
+    def fn(params, stats, images_rgb, aug_rgb, images_ir, aug_ir, y_rgb, y_ir, key):
+      pixels = augment_lib.apply_jax_pixels(images_rgb, aug_rgb, s.aug_rgb)
+      v1 = augment_lib.apply_jax_tensor(pixels, aug_rgb, s.aug_rgb)
+      v2 = exchange_view({"pixels": pixels, "aug": aug_rgb}, key, s.aug_rgb)
+      ir = augment_lib.apply_jax(images_ir, aug_ir, s.aug_ir)
+      out, updates = model.apply({"params": params["model"], "batch_stats": stats},
+                                 jnp.concatenate([v1, v2]), ir, train=True,
+                                 mutable=["batch_stats"])
+      logits = out["global"]["bn"][:, 0].astype(jnp.float32) @ params["classifier"]
+      ce = losses.softmax_cross_entropy(logits, jnp.concatenate([y_rgb, y_rgb, y_ir]))
+      return ce, updates["batch_stats"]
+
+    _TRAIN_PASS_CACHE[model] = jax.jit(fn)
+  return _TRAIN_PASS_CACHE[model]
+
+
+def train_mode_losses(setup: api.Setup, state, data: api.EpochData, rgb: np.ndarray,
+                      ir: np.ndarray, labels: np.ndarray, epoch: int):
+  """The code's GMM pass (mmm.md §7.3 step 1): per-sample CE of visible view 1, view 2 and the
+  infrared images in train mode with the training augmentation, no gradient.
+
+  The visible and infrared records are shuffled on their own and the shorter list is padded
+  with random repeats of its own records (the all-sampler's pairing), then run in batches of
+  `mmm.feature_batch` pairs, each visible image with its two views; the BN running statistics
+  move batch after batch, as in the code. A record drawn twice keeps its first loss.
+
+  Returns:
+    (CE of view 1 [len(rgb)], of view 2 [len(rgb)], of infrared [len(ir)], batch_stats).
+  """
+  s = setup.config
+  size = s.mmm.feature_batch
+  rng = np.random.default_rng([s.seed, epoch, 11])
+  n = max(len(rgb), len(ir))
+  n = -(-n // size) * size
+  order = []
+  for idx in (rgb, ir):
+    perm = rng.permutation(idx)
+    order.append(np.concatenate([perm, rng.choice(idx, n - len(idx))]))
+  fn = _train_pass_fn(setup)
+  params, stats = jax.device_get(state.params), state.batch_stats
+  pos = {m: {int(r): i for i, r in enumerate(idx)} for m, idx in (("rgb", rgb), ("ir", ir))}
+  got = [np.full(len(rgb), np.nan), np.full(len(rgb), np.nan), np.full(len(ir), np.nan)]
+  key = jax.random.PRNGKey(s.seed)
+  h, w = data.images(int(rgb[0])).shape[:2]
+  for start in range(0, n, size):
+    r, i = order[0][start:start + size], order[1][start:start + size]
+    aug_r = augment_lib.draw_params_batch(rng, s.aug_rgb, size, h, w)
+    aug_i = augment_lib.draw_params_batch(rng, s.aug_ir, size, h, w)
+    ce, stats = fn(params, stats, np.stack([data.images(int(j)) for j in r]), aug_r,
+                   np.stack([data.images(int(j)) for j in i]), aug_i,
+                   labels[r].astype(np.int32), labels[i].astype(np.int32),
+                   jax.random.fold_in(key, epoch * n + start))
+    ce = np.asarray(ce)
+    for rows, idx, slots in ((r, "rgb", (0, 1)), (i, "ir", (2,))):
+      for j, record in enumerate(rows):
+        p = pos[idx][int(record)]
+        for k, slot in enumerate(slots):
+          if np.isnan(got[slot][p]):
+            got[slot][p] = ce[(k * size if idx == "rgb" else 2 * size) + j]
+  return got[0], got[1], got[2], stats
 
 
 def on_epoch_start(setup: api.Setup, state, epoch: int, data: api.EpochData):

@@ -193,7 +193,7 @@ def test_final_epoch_start_builds_prototypes_and_gmm_weights(tmp_path):
   order = rng.permutation(n)  # stored in another order: read back by path
   np.savez(tmp_path / "labels.npz", path=paths[order], label=labels[order])
   config = _stage_config("final", labels_file=str(tmp_path / "labels.npz"), num_classes=5,
-                         warm_epochs=1)
+                         warm_epochs=1, gmm_pass_mode="eval")
   config["data"]["pipeline"]["warm_epochs"] = 1
   setup = _setup(config, num_records=n)
   images = rng.integers(0, 256, (n, H, W, 3), dtype=np.uint8)
@@ -238,6 +238,24 @@ def test_final_epoch_start_builds_prototypes_and_gmm_weights(tmp_path):
   np.testing.assert_allclose(new_w[rgb, 1], w2, atol=1e-4)
   np.testing.assert_allclose(new_w[ir, 2], wi, atol=1e-4)
   np.testing.assert_array_equal(new_w[[0, 25]], weights[[0, 25]])
+  # The code's train-mode pass: every record gets one finite CE per view, the BN running
+  # statistics move (and nothing else does), the weights follow the GMM of those CEs, and the
+  # pass is a function of the epoch.
+  train_setup = _setup(dict(config, mmm=dict(config["mmm"], gmm_pass_mode="train")),
+                       num_records=n)
+  c1, c2, ci, stats = mmm.train_mode_losses(train_setup, state, data, rgb, ir, labels, 2)
+  assert c1.shape == c2.shape == (len(rgb),) and ci.shape == (len(ir),)
+  assert all(np.all(np.isfinite(c)) and np.all(c >= 0) for c in (c1, c2, ci))
+  assert not np.allclose(c1, ce[0], atol=1e-3)  # augmented, train-mode BN: not the eval CE
+  moved = jax.tree.map(lambda a, b: not np.allclose(a, b), stats, state.batch_stats)
+  assert any(jax.tree.leaves(moved))
+  again = mmm.train_mode_losses(train_setup, state, data, rgb, ir, labels, 2)
+  np.testing.assert_array_equal(again[0], c1)
+  got_t, _ = mmm.on_epoch_start(train_setup, state, 2, data)
+  w1, w2 = cluster_lib.clean_probability(c1, c2)
+  np.testing.assert_allclose(np.asarray(got_t.method_state["weights"])[rgb, 0], w1, atol=1e-5)
+  jax.tree.map(np.testing.assert_array_equal, got_t.batch_stats, stats)
+  jax.tree.map(np.testing.assert_array_equal, got_t.params, state.params)
 
 
 def test_labels_are_read_by_path(tmp_path):
@@ -260,14 +278,24 @@ def test_stage_lists_are_checked():
     mmm.MMMConfig(stage="final")
 
 
-def test_every_stage_runs_and_a_finished_stage_is_not_rerun(tmp_path, monkeypatch, capsys):
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  """One run of every stage of the smoke preset: (workdir, results, cache dir)."""
+  root = tmp_path_factory.mktemp("mmm")
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv("MAUMJAX_CACHE", str(root / "cache"))
+    results = mmm_cli.run_stages(_smoke(), root / "run")
+  return root / "run", results, root / "cache"
+
+
+def test_every_stage_runs_and_a_finished_stage_is_not_rerun(smoke_run, tmp_path, monkeypatch,
+                                                             capsys):
   """`experiments.mmm` on the smoke preset: stage 1, stage 2, MMLM and the final stage, each
   evaluated; the final stage trains on the MMLM labels; the diagnostics are logged per
   clustering and drawn; started again, nothing is retrained; a stage without its inputs is
   refused with the missing file named."""
-  monkeypatch.setenv("MAUMJAX_CACHE", str(tmp_path / "cache"))
-  work = tmp_path / "run"
-  results = mmm_cli.run_stages(_smoke(), work)
+  work, results, cache = smoke_run
+  monkeypatch.setenv("MAUMJAX_CACHE", str(cache))
   assert set(results) == {"stage1", "stage2", "mmlm", "final"}
   for stage in mmm_cli.TRAINED:
     assert (work / stage / "metrics.json").is_file()
@@ -301,14 +329,16 @@ def test_every_stage_runs_and_a_finished_stage_is_not_rerun(tmp_path, monkeypatc
     mmm_cli.run_stages(config, tmp_path / "other")
 
 
-def test_training_never_reads_the_identity_labels(tmp_path, monkeypatch):
-  """Stage 1 with the training identities and labels permuted before the pipeline is built
-  trains the same parameters, memories and pseudo-labels."""
+def test_training_never_reads_the_identity_labels(smoke_run, tmp_path, monkeypatch):
+  """Stage 1 trained again with the training identities and labels permuted before the
+  pipeline is built ends with the same parameters, memories, statistics and pseudo-labels as
+  the smoke run's stage 1."""
   from maumjax.train import checkpoint as checkpoint_lib
   from maumjax.train import loop
 
-  monkeypatch.setenv("MAUMJAX_CACHE", str(tmp_path / "cache"))
-  config = mmm_cli.stage_config(_smoke(), "stage1", tmp_path)
+  work, _, cache = smoke_run
+  monkeypatch.setenv("MAUMJAX_CACHE", str(cache))
+  config = mmm_cli.stage_config(_smoke(), "stage1", work)
   read = pipeline_lib.read_metadata
 
   def permuted(source, **kwargs):
@@ -321,14 +351,14 @@ def test_training_never_reads_the_identity_labels(tmp_path, monkeypatch):
     assert not np.array_equal(out["identity"], meta["identity"])
     return out
 
-  runs = {}
-  for name in ("plain", "permuted"):
-    if name == "permuted":
-      monkeypatch.setattr(pipeline_lib, "read_metadata", permuted)
-    loop.train_and_evaluate(config, tmp_path / name, max_steps=3)
-    with checkpoint_lib.Checkpointer(tmp_path / name) as ckpt:
-      runs[name] = (ckpt.restore_arrays(), ckpt.read_meta())
-  (a, meta_a), (b, meta_b) = runs["plain"], runs["permuted"]
+  monkeypatch.setattr(pipeline_lib, "read_metadata", permuted)
+  loop.train_and_evaluate(config, tmp_path / "permuted")
+  runs = []
+  for run_dir in (work / "stage1", tmp_path / "permuted"):
+    with checkpoint_lib.Checkpointer(run_dir) as ckpt:
+      runs.append((ckpt.restore_arrays(), ckpt.read_meta()))
+  (a, meta_a), (b, meta_b) = runs
+  assert meta_a["step"] == meta_b["step"] == config["num_epochs"] * 2
   for part in ("params", "method_state", "batch_stats"):
     jax.tree.map(np.testing.assert_array_equal, a[part], b[part])
   np.testing.assert_array_equal(meta_a["labels"], meta_b["labels"])
