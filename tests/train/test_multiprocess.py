@@ -36,7 +36,13 @@ WORKER = """
 import os, sys, json
 pid, n, port, workdir, steps = (int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4],
                                 int(sys.argv[5]))
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={4 // n}"
+# The test session's XLA flags (tests/conftest.py), with this process's share of the 4 devices.
+os.environ["XLA_FLAGS"] = " ".join(
+    [f for f in os.environ.get("XLA_FLAGS", "").split()
+     if not f.startswith("--xla_force_host_platform_device_count")]
+    + [f"--xla_force_host_platform_device_count={4 // n}"])
+from maumjax import compilation_cache
+compilation_cache.enable()  # the test session's cache (MAUMJAX_COMPILATION_CACHE), as entry points do
 from experiments.configs import maum as maum_configs
 from maumjax.train import loop
 config = maum_configs.get_config("smoke")

@@ -8,6 +8,8 @@ BatchNorm would differ if the step did not gather features and synchronise stati
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -59,6 +61,19 @@ def _compiled(mode, config):
                                                                ctx=ctx), mode) for p in (0, 1)}
 
 
+@functools.lru_cache(maxsize=None)
+def _shared_compiled(mode):
+  """`_compiled(mode, _config())`, built once per module: the tests below that run the default
+  config share its traced and compiled steps (a rebuilt step is traced and lowered again)."""
+  return _compiled(mode, _config())
+
+
+@functools.lru_cache(maxsize=None)
+def _single_reference():
+  """The one-device run of `_batches()` with the default config: (states, losses)."""
+  return _run("none", _config(), _batches(), built=_shared_compiled("none"))
+
+
 def _run(mode, config, batches, start=None, built=None):
   """Trains `batches` in `mode` from `start` (default: the initial state).
 
@@ -104,9 +119,9 @@ def test_four_devices_match_one_device(mode):
   assert jax.device_count() == 4, "tests/conftest.py sets 4 simulated CPU devices"
   config = _config()
   batches = _batches()
-  single, loss_single = _run("none", config, batches)
+  single, loss_single = _single_reference()
   assert int(single[-1].step) == STEPS
-  built = _compiled(mode, config)
+  built = _shared_compiled(mode)
   for k in range(STEPS):
     [multi], [loss_multi] = _run(mode, config, batches[k:k + 1],
                                  start=single[k - 1] if k else None, built=built)
@@ -124,7 +139,8 @@ def test_four_devices_match_one_device(mode):
 def test_train_step_compiles_once_per_phase(mode):
   """Phase 0 and phase 1 (bank fill, then bank writes) each compile once, then never again."""
   batches = _batches(num=5)
-  states, _ = _run(mode, _config(), batches[:2])  # step 0 in phase 0, step 1 in phase 1
+  # step 0 in phase 0, step 1 in phase 1
+  states, _ = _run(mode, _config(), batches[:2], built=_shared_compiled(mode))
   state, compiled = states[-1], _run.last
   state = compiled[1].put_state(state)
   with compilation_cache.count_compilations() as seen:
@@ -151,7 +167,7 @@ def test_without_gathering_the_result_would_differ(monkeypatch):
   """The check above can fail: per-device losses (no gather) give different parameters."""
   config = _config()
   batches = _batches(num=1)
-  [single], _ = _run("none", config, batches)
+  [single], _ = _run("none", config, batches, built=_shared_compiled("none"))
   monkeypatch.setattr(api.StepContext, "gather", lambda self, x: x)  # per-device losses only
   [multi], _ = _run("shard_map", config, batches)
   with pytest.raises(AssertionError, match="differs by"):
