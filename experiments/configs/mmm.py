@@ -151,6 +151,6 @@ def _smoke(config: ml_collections.ConfigDict) -> None:
     stage.num_epochs = 2
     stage.optim.update(decay_epochs=())
     stage.pipeline.update(num_identities=4, num_instances=4, steps_per_epoch=2)
-  config.final.num_epochs = 3
+  config.final.num_epochs = 2
   config.final.optim.update(warmup_epochs=1, decay_epochs=())
   config.final.pipeline.update(num_identities=4, num_instances=2, steps_per_epoch=3)

@@ -1,8 +1,7 @@
 """MMM as a method: stage 2's alternating per-modality / joint steps against a NumPy memory
-update of independently computed features, the final stage's prototypes and GMM weights
-against a brute-force aggregation, the labels stored by path, the stage list, one run of every
-stage through `experiments.mmm` (finished stages are not rerun) and a run that does not
-change when the training identity labels are permuted (training never reads them).
+update of independently computed features (and on 4 devices), the final stage's prototypes
+and GMM weights against a brute-force aggregation, the labels stored by path, the stage list.
+The whole pipeline through `experiments.mmm` is tests/methods/test_mmm_pipeline.py.
 
 The clustering, the memories' update, ClusterNCE, MMLM and the SCA losses have their own tests
 (tests/test_cluster.py, tests/test_cluster_memory.py, tests/losses/).
@@ -71,7 +70,7 @@ def test_stage2_alternates_per_modality_and_joint_steps():
   """Even steps: ClusterNCE against the visible / infrared memories with column-0 labels, which
   alone change; odd steps: both modalities against the joint memory with column-1 labels,
   visible samples first. Each changed memory equals a sequential NumPy update with the step's
-  features recomputed from the pre-step parameters."""
+  features recomputed from the pre-step parameters; the joint step on 4 devices equals it."""
   config = _stage_config("stage2", max_clusters=12)
   setup = _setup(config)
   rng = np.random.default_rng(0)
@@ -135,41 +134,22 @@ def test_stage2_alternates_per_modality_and_joint_steps():
 
     np.testing.assert_allclose(float(metrics["nce_rgb"]), nce(f_rgb, y_rgb, m_rgb), rtol=1e-4)
     np.testing.assert_allclose(float(metrics["nce_ir"]), nce(f_ir, y_ir, m_ir), rtol=1e-4)
-
-
-def test_a_joint_step_on_four_devices_equals_one_device():
-  """shard_map over 4 simulated devices vs 1: the same loss, parameters and memories after a
-  joint (odd) step: the two visible views and the labels are gathered in the same order."""
+  # The joint step on 4 devices (shard_map) equals one device: the two visible views and the
+  # labels are gathered in the same order, and the views draw the same channels.
   from maumjax.train import parallel
   from tests.train.test_parallel import _assert_same
 
-  config = _stage_config("stage2", max_clusters=12)
-  setup = _setup(config)
-  rng = np.random.default_rng(3)
-  mem = {k: jnp.asarray(_unit(rng.normal(size=(12, setup.config.feature_dim)))
-                        .astype(np.float32)) for k in mmm.MEMORIES}
-  state = setup.state.replace(method_state=mem, step=jnp.asarray(1, jnp.int32))
-  labels = {n: np.stack([rng.integers(0, 6, B), rng.integers(6, 12, B)], 1).astype(np.int32)
-            for n in ("rgb", "ir")}
-  batch = _batch(rng, labels)
-  pipe = pipeline_lib.PipelineConfig(augment_rgb="none", augment_ir="none")
-  results = {}
-  for mode, devices in (("none", 1), ("shard_map", 4)):
-    ctx = api.StepContext(axis_name=None if devices == 1 else parallel.DATA_AXIS,
-                          devices=devices)
-    fn = step_lib.method_step(mmm, setup, 0, pipeline=pipe, ctx=ctx)
-    compiled = parallel.CompiledStep(fn, mode)
-    out, metrics = compiled(compiled.put_state(state), compiled.put_batch(batch))
-    results[mode] = (compiled.get_state(out), compiled.get_metrics(metrics))
-  (s1, m1), (s4, m4) = results["none"], results["shard_map"]
+  ctx = api.StepContext(axis_name=parallel.DATA_AXIS, devices=4)
+  compiled = parallel.CompiledStep(step_lib.method_step(mmm, setup, 0, pipeline=pipe, ctx=ctx),
+                                   "shard_map")
+  out4, metrics4 = compiled(compiled.put_state(before), compiled.put_batch(batch))
+  out4, metrics4 = compiled.get_state(out4), compiled.get_metrics(metrics4)
   for term in ("loss", "nce_rgb", "nce_ir"):
-    np.testing.assert_allclose(m1[term], m4[term], rtol=1e-5, err_msg=term)
-  _assert_same(jax.tree.map(np.asarray, s4.params), jax.tree.map(np.asarray, s1.params),
-               "params (shard_map vs none)")
+    np.testing.assert_allclose(metrics4[term], float(metrics[term]), rtol=1e-5, err_msg=term)
+  _assert_same(jax.tree.map(np.asarray, out4.params), jax.tree.map(np.asarray, after.params),
+               "params (shard_map vs one device)")
   for k in mmm.MEMORIES:
-    np.testing.assert_allclose(np.asarray(s4.method_state[k]), np.asarray(s1.method_state[k]),
-                               atol=2e-5, err_msg=k)
-  assert not np.array_equal(np.asarray(s1.method_state["all"]), np.asarray(mem["all"]))
+    np.testing.assert_allclose(np.asarray(out4.method_state[k]), new[k], atol=2e-5, err_msg=k)
 
 
 class _Images:
@@ -276,89 +256,3 @@ def test_stage_lists_are_checked():
   assert mmm_configs.get_config("sysu_cmc").stages == "stage1,stage2"
   with pytest.raises(ValueError, match="mmm.labels_file"):
     mmm.MMMConfig(stage="final")
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-  """One run of every stage of the smoke preset: (workdir, results, cache dir)."""
-  root = tmp_path_factory.mktemp("mmm")
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setenv("MAUMJAX_CACHE", str(root / "cache"))
-    results = mmm_cli.run_stages(_smoke(), root / "run")
-  return root / "run", results, root / "cache"
-
-
-def test_every_stage_runs_and_a_finished_stage_is_not_rerun(smoke_run, tmp_path, monkeypatch,
-                                                             capsys):
-  """`experiments.mmm` on the smoke preset: stage 1, stage 2, MMLM and the final stage, each
-  evaluated; the final stage trains on the MMLM labels; the diagnostics are logged per
-  clustering and drawn; started again, nothing is retrained; a stage without its inputs is
-  refused with the missing file named."""
-  work, results, cache = smoke_run
-  monkeypatch.setenv("MAUMJAX_CACHE", str(cache))
-  assert set(results) == {"stage1", "stage2", "mmlm", "final"}
-  for stage in mmm_cli.TRAINED:
-    assert (work / stage / "metrics.json").is_file()
-    assert 0.0 <= results[stage]["summary"]["all/single"]["r1"] <= 100.0
-  from maumjax.train import checkpoint as checkpoint_lib
-  from maumjax.train import writers
-
-  for stage in ("stage1", "stage2"):
-    diag = writers.read_log(work / stage, "pseudo_labels")
-    assert [r["epoch"] for r in diag] == [0, 1]  # re-clustered at every epoch start
-    assert all(0 <= r["rgb_purity"] <= 1 and r["rgb_clusters"] >= 1 for r in diag)
-  assert "correspondence" in writers.read_log(work / "stage2", "pseudo_labels")[0]
-  mmlm_labels = np.load(work / "mmlm" / "labels.npz")["label"]
-  assert mmlm_labels.max() + 1 == results["mmlm"]["num_classes"]
-  with checkpoint_lib.Checkpointer(work / "final") as ckpt:
-    meta = ckpt.read_meta()
-  np.testing.assert_array_equal(np.asarray(meta["labels"]), mmlm_labels)
-  gmm = writers.read_log(work / "final", "gmm")
-  assert [r["epoch"] for r in gmm] == [1, 2]  # every epoch after the warm-up
-  assert (work / "diagnostics.png").stat().st_size > 0
-  stamps = {s: (work / s / "metrics.json").stat().st_mtime_ns for s in mmm_cli.TRAINED}
-  capsys.readouterr()
-  again = mmm_cli.run_stages(_smoke(), work)
-  out = capsys.readouterr().out
-  assert out.count("not run again") == 4
-  assert {s: (work / s / "metrics.json").stat().st_mtime_ns for s in mmm_cli.TRAINED} == stamps
-  assert again["final"]["summary"] == results["final"]["summary"]
-  config = _smoke()
-  config["stages"] = "final"
-  with pytest.raises(UserError, match="mmlm.json"):
-    mmm_cli.run_stages(config, tmp_path / "other")
-
-
-def test_training_never_reads_the_identity_labels(smoke_run, tmp_path, monkeypatch):
-  """Stage 1 trained again with the training identities and labels permuted before the
-  pipeline is built ends with the same parameters, memories, statistics and pseudo-labels as
-  the smoke run's stage 1."""
-  from maumjax.train import checkpoint as checkpoint_lib
-  from maumjax.train import loop
-
-  work, _, cache = smoke_run
-  monkeypatch.setenv("MAUMJAX_CACHE", str(cache))
-  config = mmm_cli.stage_config(_smoke(), "stage1", work)
-  read = pipeline_lib.read_metadata
-
-  def permuted(source, **kwargs):
-    meta = read(source, **kwargs)
-    out = dict(meta)
-    for key in ("label", "identity"):
-      values = np.unique(meta[key])
-      perm = dict(zip(values.tolist(), np.random.default_rng(5).permutation(values).tolist()))
-      out[key] = np.asarray([perm[v] for v in meta[key].tolist()], meta[key].dtype)
-    assert not np.array_equal(out["identity"], meta["identity"])
-    return out
-
-  monkeypatch.setattr(pipeline_lib, "read_metadata", permuted)
-  loop.train_and_evaluate(config, tmp_path / "permuted")
-  runs = []
-  for run_dir in (work / "stage1", tmp_path / "permuted"):
-    with checkpoint_lib.Checkpointer(run_dir) as ckpt:
-      runs.append((ckpt.restore_arrays(), ckpt.read_meta()))
-  (a, meta_a), (b, meta_b) = runs
-  assert meta_a["step"] == meta_b["step"] == config["num_epochs"] * 2
-  for part in ("params", "method_state", "batch_stats"):
-    jax.tree.map(np.testing.assert_array_equal, a[part], b[part])
-  np.testing.assert_array_equal(meta_a["labels"], meta_b["labels"])
