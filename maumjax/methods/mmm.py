@@ -657,9 +657,12 @@ def _final_epoch(setup: api.Setup, state, epoch: int, data: api.EpochData):
   weights = np.asarray(mstate["weights"]).copy()
   rng = np.random.default_rng([epoch, 7])
   exchange = rng.integers(0, 3, size=len(rgb))
-  o1 = extract(setup, state, data, rgb)
-  o2 = extract(setup, state, data, rgb, exchange=exchange)
-  oi = extract(setup, state, data, ir)
+  # Eval-mode outputs, only where something reads them: the prototypes (after the first SCA
+  # epoch) and the eval-mode GMM pass.
+  if epoch > cfg.warm_epochs or cfg.gmm_pass_mode == "eval":
+    o1 = extract(setup, state, data, rgb)
+    o2 = extract(setup, state, data, rgb, exchange=exchange)
+    oi = extract(setup, state, data, ir)
   if epoch > cfg.warm_epochs:
     # The prototypes of the epoch that just ended, with its weights (mmm.md §7.6).
     proto = np.zeros((3, cfg.num_classes, setup.config.feature_dim), np.float32)

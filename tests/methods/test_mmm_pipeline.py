@@ -17,6 +17,17 @@ from maumjax.errors import UserError
 from tests.methods.test_mmm import _smoke
 
 
+def _final_states(*run_dirs):
+  """(arrays, meta) of the latest checkpoint of each run."""
+  from maumjax.train import checkpoint as checkpoint_lib
+
+  out = []
+  for run_dir in run_dirs:
+    with checkpoint_lib.Checkpointer(run_dir) as ckpt:
+      out.append((ckpt.restore_arrays(), ckpt.read_meta()))
+  return out
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
   """One run of every stage of the smoke preset: (workdir, results, cache dir)."""
@@ -72,7 +83,6 @@ def test_training_never_reads_the_identity_labels(smoke_run, tmp_path, monkeypat
   """Stage 1 trained again with the training identities and labels permuted before the
   pipeline is built ends with the same parameters, memories, statistics and pseudo-labels as
   the smoke run's stage 1."""
-  from maumjax.train import checkpoint as checkpoint_lib
   from maumjax.train import loop
 
   work, _, cache = smoke_run
@@ -92,11 +102,7 @@ def test_training_never_reads_the_identity_labels(smoke_run, tmp_path, monkeypat
 
   monkeypatch.setattr(pipeline_lib, "read_metadata", permuted)
   loop.train_and_evaluate(config, tmp_path / "permuted")
-  runs = []
-  for run_dir in (work / "stage1", tmp_path / "permuted"):
-    with checkpoint_lib.Checkpointer(run_dir) as ckpt:
-      runs.append((ckpt.restore_arrays(), ckpt.read_meta()))
-  (a, meta_a), (b, meta_b) = runs
+  (a, meta_a), (b, meta_b) = _final_states(work / "stage1", tmp_path / "permuted")
   assert meta_a["step"] == meta_b["step"] == config["num_epochs"] * 2
   for part in ("params", "method_state", "batch_stats"):
     jax.tree.map(np.testing.assert_array_equal, a[part], b[part])
@@ -107,7 +113,6 @@ def test_an_interrupted_stage_resumes_to_the_same_state(smoke_run, tmp_path, mon
   """Stage 2 stopped mid-epoch (after a per-modality step, before its joint step) and started
   again ends bit for bit where the smoke run's uninterrupted stage 2 did: the two-column
   labels, the memories and the step parity come back from the checkpoint."""
-  from maumjax.train import checkpoint as checkpoint_lib
   from maumjax.train import loop
 
   work, _, cache = smoke_run
@@ -118,11 +123,7 @@ def test_an_interrupted_stage_resumes_to_the_same_state(smoke_run, tmp_path, mon
   assert loop.train_and_evaluate(config, tmp_path / "run", max_steps=stop)["stopped_at_step"] \
       == stop
   loop.train_and_evaluate(config, tmp_path / "run")
-  runs = []
-  for run_dir in (work / "stage2", tmp_path / "run"):
-    with checkpoint_lib.Checkpointer(run_dir) as ckpt:
-      runs.append((ckpt.restore_arrays(), ckpt.read_meta()))
-  (a, meta_a), (b, meta_b) = runs
+  (a, meta_a), (b, meta_b) = _final_states(work / "stage2", tmp_path / "run")
   assert meta_a["step"] == meta_b["step"] == config["num_epochs"] * steps_per_epoch
   for part in ("params", "method_state", "batch_stats", "opt_state"):
     jax.tree.map(np.testing.assert_array_equal, a[part], b[part])
