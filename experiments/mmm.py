@@ -12,8 +12,12 @@ evaluated with the full protocol; the last one's Rank-1 / mAP / mINP are printed
 
 A stage whose run finished is not run again when the same --workdir is started again; an
 interrupted one resumes from its last checkpoint. `--config.stages=stage1,stage2` runs a
-subset (a stage needs the earlier ones' results in the workdir). Presets and switches:
-experiments/configs/mmm.py.
+subset (a stage needs the earlier ones' results in the workdir).
+
+The paper's online pipeline (preset `<data>_paper`: `mmm.pipeline='paper_online'`,
+`stages='online'`) is one trained stage in <workdir>/online: re-clustering, memories and the
+per-epoch matching at every epoch start, ClusterNCE + Intra + Inter in one objective. Presets
+and switches: experiments/configs/mmm.py.
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ from experiments import cli
 from experiments import launch
 from maumjax.errors import UserError
 
-STAGES = ("stage1", "stage2", "mmlm", "final")
-TRAINED = ("stage1", "stage2", "final")
+STAGES = ("stage1", "stage2", "mmlm", "final", "online")
+TRAINED = ("stage1", "stage2", "final", "online")
+OFFLINE = STAGES[:4]  # pipeline 'code_offline'; 'online' alone is 'paper_online'
+MATCHING_KEYS = ("matching", "cost_sum_over", "unmatched", "off_by_one", "sub_memories")
 TOP_LEVEL = ("method", "preset", "seed", "parallel", "distributed", "coordinator_address",
              "num_processes", "process_id")
 
@@ -43,7 +49,20 @@ def parse_stages(text: str) -> tuple[str, ...]:
   order = [STAGES.index(s) for s in stages]
   if order != sorted(set(order)):
     raise UserError(f"config.stages={text!r}: list each stage once, in the order {STAGES}")
+  if "online" in stages and len(stages) > 1:
+    raise UserError(f"config.stages={text!r}: 'online' (the paper pipeline) is a stage of its "
+                    f"own; the offline pipeline's stages are {OFFLINE}")
   return stages
+
+
+def check_pipeline(config: dict[str, Any], stages: tuple[str, ...]) -> None:
+  """The stages belong to `config.mmm.pipeline`: 'online' to 'paper_online', the others to
+  'code_offline'."""
+  pipeline = config["mmm"]["pipeline"]
+  if (pipeline == "paper_online") != (stages == ("online",)):
+    raise UserError(f"config.stages={','.join(stages)!r} with config.mmm.pipeline="
+                    f"{pipeline!r}: the paper_online pipeline runs config.stages='online' "
+                    f"(preset <data>_paper), code_offline the stages of {OFFLINE}")
 
 
 def stage_config(config: dict[str, Any], stage: str, workdir: Path,
@@ -64,8 +83,14 @@ def stage_config(config: dict[str, Any], stage: str, workdir: Path,
   mmm = dict(config["mmm"], stage=stage)
   if stage == "stage2":
     mmm["init_from"] = str(workdir / "stage1")
+    # eval.select='best_on_test': stage 2 starts from stage 1's pick (mmm.md §9 row 17).
+    mmm["init_best"] = config["eval"].get("select", "last") == "best_on_test"
+  if stage != "online":  # the code's 'best': test mAP in Baseline.py, Rank-1 in main.py
+    out["eval"]["select_metric"] = "r1" if stage == "final" else "mAP"
   if stage == "final":
     mmm.update(labels_file=str(workdir / "mmlm" / "labels.npz"), num_classes=num_classes)
+  if stage == "online":  # the per-epoch matching reads the mmlm section
+    mmm.update({k: config["mmlm"][k] for k in MATCHING_KEYS})
   out["mmm"] = mmm
   return out
 
@@ -104,6 +129,7 @@ def run_stages(config, workdir: str | Path, *, config_change=()) -> dict[str, An
   config = json.loads(json.dumps(config.to_dict() if hasattr(config, "to_dict") else config))
   workdir = Path(workdir)
   stages = parse_stages(config["stages"])
+  check_pipeline(config, stages)
   results: dict[str, Any] = {}
   num_classes = 0
   for stage in STAGES:
@@ -159,7 +185,7 @@ def main() -> None:
       raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}; flags are --name=value")
     logging.set_verbosity(logging.WARNING)
     config = config_flag.value
-    parse_stages(config.stages)
+    check_pipeline(config, parse_stages(config.stages))
     # The method, --config_change, the workdir path, the eval fields and the pretrained file
     # are checked before any data is prepared, as for every entry point.
     launch._check("mmm", config, workdir_flag.value, change_flag.value)  # noqa: SLF001

@@ -101,12 +101,13 @@ def eval_config(**overrides) -> ml_collections.ConfigDict:
     MPANet's code). select: the model the final evaluation scores, 'last' (the final state) or
     'best_on_test' (the state of the best quick evaluation, every `train.eval_every_epochs`
     epochs and after the last, kept in <workdir>/best: model selection on the test set, as
-    MPANet's released code does; its numbers are optimistic). Checked before training
+    MPANet's released code does; its numbers are optimistic). select_metric: what 'best'
+    means, 'r1' (the first setting's Rank-1) or 'mAP'. Checked before training
     (`evaluation.check_config`).
   """
   fields = dict(trials=10, quick_trials=1, modes=("all", "indoor"), shots=(1, 10),
                 sampling="agw", distance="cosine", regdb_cmc="plain", select="last",
-                batch_size=64, flip=False, num_ranked=8)
+                select_metric="r1", batch_size=64, flip=False, num_ranked=8)
   fields.update(overrides)
   return ml_collections.ConfigDict(fields)
 

@@ -14,17 +14,24 @@ Presets are `<data>` or `<data>_<row>`:
             mmlm                 + MMLM: the final stage with CE + triplet, no SCA
             mmlm_intra           + Intra
             mmlm_inter           + Inter
-  also      smoke                a few synthetic steps per stage (tests)
+            paper                the paper's online pipeline (mmm.md §1, §9 row 1), one
+                                 stage 'online': per-epoch re-clustering, joint memory and
+                                 Hungarian matching (cost over the visible sub-memories),
+                                 ClusterNCE + Intra (squared L2, from the first epoch) + Inter
+                                 (the paper's normalisation, from epoch 15, i.e. index 14), no
+                                 triplet; P = 8 x (4 + 4), 80 epochs of Adam 3.5e-4 [I: the
+                                 optimiser and iterations are the memory stages']
+  also      smoke                a few synthetic steps per stage (tests); smoke_paper likewise
 
-`config.stages` (comma-separated, in order, from 'stage1', 'stage2', 'mmlm', 'final') picks
-the stages to run; a stage whose run finished in the workdir is not run again, and an
+`config.stages` (comma-separated, in order, from 'stage1', 'stage2', 'mmlm', 'final'; or
+'online' alone, the paper pipeline) picks the stages to run; a stage whose run finished in the workdir is not run again, and an
 interrupted one resumes from its last checkpoint. The sections:
 
   mmm       clustering, memory and final-stage loss switches (`maumjax.methods.mmm.MMMConfig`)
   mmlm      matching: greedy (code) | hungarian (paper), cost_sum_over ir (code) | visible
             (paper), unmatched nearest | keep_own_label | drop, off_by_one (the code's bug,
             default off), sub_memories n = 4
-  stage1, stage2, final
+  stage1, stage2, final, online
             each stage's epochs, optimiser and pipeline fields (sampler, P, K, steps per
             epoch); the shared data, model, train and eval sections apply to every stage.
 
@@ -46,6 +53,7 @@ ROWS = {
     "mmlm": dict(stages="stage1,stage2,mmlm,final", intra=False, inter=False),
     "mmlm_intra": dict(stages="stage1,stage2,mmlm,final", intra=True, inter=False),
     "mmlm_inter": dict(stages="stage1,stage2,mmlm,final", intra=False, inter=True),
+    "paper": dict(stages="online", intra=True, inter=True),
 }
 
 
@@ -84,10 +92,27 @@ def _final_stage(epochs: int) -> ml_collections.ConfigDict:
   })
 
 
+def _online_stage(epochs: int, iters: int) -> ml_collections.ConfigDict:
+  """The paper pipeline's one stage: the memory stages' optimiser [I], the identity sampler
+  over the matched pseudo-labels that hold both modalities ('pseudo'), P = 8 x (4 + 4) (the
+  paper's batch, mmm.md §9 row 9)."""
+  stage = _memory_stage(epochs, iters)
+  stage.pipeline = {"sampler": "pseudo", "num_identities": 8, "num_instances": 4,
+                    "steps_per_epoch": iters}
+  return stage
+
+
+def _paper(config: ml_collections.ConfigDict, inter_start: int) -> None:
+  """The paper's choices (mmm.md §9 rows 1-3, 5-7, 13)."""
+  config.mmm.update(pipeline="paper_online", intra_form="l2sq", inter_norm="paper",
+                    intra_start=0, inter_start=inter_start, use_triplet=False)
+  config.mmlm.update(matching="hungarian", cost_sum_over="visible", unmatched="nearest")
+
+
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   preset = preset or "synthetic"
-  data, row = common.split_preset(preset, method="MMM", data=DATA, rows=tuple(ROWS),
-                                  default_row="full")
+  data, row = common.split_preset(preset, method="MMM", data=DATA + ("smoke",),
+                                  rows=tuple(ROWS), default_row="full")
   config = common.base_config("mmm", preset, num_epochs=0)
   del config.optim  # each stage has its own optimiser and length
   del config.num_epochs
@@ -105,23 +130,26 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   config.stage1 = _memory_stage(50, 200)
   config.stage2 = _memory_stage(50, 200)
   config.final = _final_stage(100)
+  config.online = _online_stage(80, 200)
+  if row == "paper":
+    _paper(config, inter_start=14)
   # The code evaluates with AGW's random gallery (sampler A), as every AGW-family method.
   config.eval.update(sampling="agw")
   if data in ("synthetic", "smoke"):
-    _synthetic(config)
+    _synthetic(config, paper=row == "paper")
   else:
     config.data = common.data_config(name={"sysu": "sysu_mm01", "regdb": "regdb"}[data])
     config.data.pipeline.update(augment_rgb="caj_visible", augment_ir="caj_thermal")
     if data == "regdb":
       config.mmm.update(eps=0.3, joint_k1=38, joint_k2=18)
-      for stage in (config.stage1, config.stage2):
+      for stage in (config.stage1, config.stage2, config.online):
         stage.pipeline.steps_per_epoch = 100
-  if preset == "smoke":
+  if data == "smoke":
     _smoke(config)
   return config
 
 
-def _synthetic(config: ml_collections.ConfigDict) -> None:
+def _synthetic(config: ml_collections.ConfigDict, paper: bool = False) -> None:
   """CPU-sized: tiny ResNet from scratch at 64x32, short stages."""
   config.data = common.synthetic_data(augment="agw_small")
   config.model.update(arch="tiny")
@@ -134,6 +162,12 @@ def _synthetic(config: ml_collections.ConfigDict) -> None:
   config.final = _final_stage(12)
   config.final.optim.update(lr=0.01, backbone_lr_mult=1.0, warmup_epochs=2, decay_epochs=(8,))
   config.final.pipeline.steps_per_epoch = 40
+  # The paper pipeline: as long as stages 1 + 2 together, Inter from the same fraction of the
+  # run as the paper's 15 of 80 epochs.
+  config.online = _online_stage(8, 20)
+  config.online.optim.update(lr=1e-3)
+  if paper:
+    config.mmm.update(intra_start=0, inter_start=2)
   config.train.update(log_every=10, checkpoint_every_epochs=2, eval_every_epochs=0)
   config.eval.update(batch_size=128, num_ranked=6)
 
@@ -153,4 +187,9 @@ def _smoke(config: ml_collections.ConfigDict) -> None:
     stage.pipeline.update(num_identities=4, num_instances=4, steps_per_epoch=2)
   config.final.num_epochs = 2
   config.final.optim.update(warmup_epochs=1, decay_epochs=())
+  config.online.num_epochs = 2
+  config.online.optim.update(decay_epochs=())
+  config.online.pipeline.update(num_identities=4, num_instances=2, steps_per_epoch=2)
+  if config.mmm.pipeline == "paper_online":
+    config.mmm.update(intra_start=0, inter_start=0)  # one phase: one compiled step
   config.final.pipeline.update(num_identities=4, num_instances=2, steps_per_epoch=3)

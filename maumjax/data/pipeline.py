@@ -69,8 +69,10 @@ class PipelineConfig:
       modality drawn with replacement; AGW, MAUM), 'mpanet' (`sampler.MPANetSampler`: one
       pass over every identity's paired K + K chunks per epoch; MPANet), 'cluster'
       (`sampler.ClusterSampler`: camera-aware P x K chunks of pseudo-ids, per modality, label
-      columns on alternate steps; MMM stages 1 and 2) or 'all' (`sampler.AllSampler`: one
-      shuffled pass over every record, arbitrary pairs; MMM's warm-up).
+      columns on alternate steps; MMM stages 1 and 2), 'all' (`sampler.AllSampler`: one
+      shuffled pass over every record, arbitrary pairs; MMM's warm-up) or 'pseudo'
+      (`sampler.PseudoIdentitySampler`: 'agw' over the pseudo-labels holding both
+      modalities, with replacement below P of them; MMM's online stage).
     steps_per_epoch: epoch length; 0 keeps the sampler's own (its docstring gives the
       formula), > 0 fixes it (e.g. MMM's `--iters`, doubled for stage 2's two steps per
       iteration). The `steps_per_epoch` argument of `make_train_pipeline` wins when given.

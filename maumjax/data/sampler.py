@@ -11,6 +11,8 @@ Samplers with the same output (`EpochPlan`), chosen by `PipelineConfig.sampler` 
   alternate steps (MMM stages 1 and 2, mmm.md §5.3 and §5.5).
 * 'all' (`AllSampler`): one shuffled pass over every record of each modality, RGB/IR pairs
   arbitrary (MMM's final-stage warm-up, mmm.md §7.2).
+* 'pseudo' (`PseudoIdentitySampler`): the 'agw' draw over pseudo-identities that hold both
+  modalities, with replacement when there are fewer than P (MMM's online stage).
 
 `WarmupSampler` puts the 'all' sampler in front of any of them for the first epochs
 (`PipelineConfig.warm_epochs`).
@@ -497,8 +499,62 @@ class WarmupSampler:
     return (self.warm if epoch < self.warm_epochs else self.main).epoch(epoch)
 
 
+class PseudoIdentitySampler(IdentitySampler):
+  """The 'agw' P x K cross-modality draw over pseudo-labels (MMM's online stage, mmm.md §9
+  row 9: 8 pseudo-ids x (4 visible + 4 infrared)).
+
+  Differences from `IdentitySampler` [I], for labels that come from a clustering: only the
+  labels with kept images of both modalities are drawn (a cluster of one modality has no
+  cross-modality partner for the pair-wise terms; its records sit the epoch out), and when
+  fewer than P such labels exist (early unsupervised epochs) a step draws them with
+  replacement instead of failing. Same arguments and epoch length as `IdentitySampler`.
+
+  Raises:
+    ValueError: no label has images of both modalities, or the `IdentitySampler` errors.
+  """
+
+  def __init__(self, labels: Sequence[int] | np.ndarray, modality: Sequence[int] | np.ndarray,
+               *, num_identities: int = 8, num_instances: int = 4, seed: int = 0,
+               keep: np.ndarray | None = None, steps_per_epoch: int | None = None,
+               camera: np.ndarray | None = None):
+    labels = _one_column(labels, "pseudo")
+    modality = np.asarray(modality, np.int64)
+    kept = np.ones(labels.shape, bool) if keep is None else np.asarray(keep, bool)
+    if labels.shape != modality.shape or kept.shape != labels.shape:
+      raise ValueError(f"labels {labels.shape}, modality {modality.shape} and keep "
+                       f"{kept.shape} must be equal-length 1-d arrays")
+    kept = kept & (labels >= 0)
+    both = np.intersect1d(labels[kept & (modality == VISIBLE)],
+                          labels[kept & (modality == INFRARED)])
+    if both.size == 0:
+      raise ValueError("sampler 'pseudo': no pseudo-label holds images of both modalities; "
+                       "nothing to pair")
+    super().__init__(labels, modality, num_identities=min(num_identities, both.size),
+                     num_instances=num_instances, seed=seed, keep=kept & np.isin(labels, both),
+                     steps_per_epoch=steps_per_epoch, camera=camera)
+    if steps_per_epoch is None:  # the epoch length counts every kept record, as 'agw'
+      counts = [int(np.sum(kept & (modality == m))) for m in (VISIBLE, INFRARED)]
+      self.steps_per_epoch = max(counts) // (num_identities * num_instances) + 1
+    self.num_identities = num_identities
+    self.per_step = num_identities * num_instances
+
+  def epoch(self, epoch: int) -> EpochPlan:
+    """Returns the index arrays of `epoch` (deterministic in (seed, epoch))."""
+    rng = np.random.default_rng([self.seed, epoch])
+    p, k = self.num_identities, self.num_instances
+    replace = len(self.identities) < p
+    out = np.empty((2, self.steps_per_epoch, p, k), np.int64)
+    for s in range(self.steps_per_epoch):
+      chosen = rng.choice(self.identities, size=p, replace=replace)
+      for j, label in enumerate(chosen.tolist()):
+        for m in (VISIBLE, INFRARED):
+          out[m, s, j] = rng.choice(self._lists[m][label], size=k, replace=True)
+    flat = out.reshape(2, -1)
+    return EpochPlan(flat[0], flat[1], self.steps_per_epoch, self.per_step)
+
+
 SAMPLERS = {"agw": IdentitySampler, "mpanet": MPANetSampler, "cluster": ClusterSampler,
-            "all": AllSampler}
+            "all": AllSampler, "pseudo": PseudoIdentitySampler}
 
 
 def modality_subset(labels: np.ndarray, modality: np.ndarray, *, fraction: float,

@@ -31,6 +31,15 @@ Unsupervised: training never reads the identity labels. The released code's offl
           confidence-weighted prototypes, 0.5) + Inter (MMD between the modalities of each
           pseudo-identity, 0.05), with the prototypes recomputed at every epoch start.
 
+The paper's pipeline (`pipeline='paper_online'`, mmm.md §1 and §9 row 1; the `paper` preset
+row) is one run, stage 'online': every epoch starts with the per-modality and joint
+re-clustering and memories of stages 1-2 and the MMLM matching of this epoch's clusters
+(Hungarian, cost summed over the visible sub-memories in the preset); the identity sampler
+draws P matched pseudo-identities x K images per modality, and one optimiser step minimises
+L_CMC (per-modality and joint ClusterNCE) + L_SCA (Intra, squared L2 in the preset, and
+Inter, with the paper's normalisation and start epochs). No classifier and no GMM over CE: the
+clean probabilities come from each sample's ClusterNCE loss at its matched label [I].
+
 Memories and per-sample state live in `TrainState.method_state` with fixed shapes: the three
 cluster memories {'rgb', 'ir', 'all'} are [mmm.max_clusters, D] (zero rows are padding, masked
 out of the softmax), the final stage's weights [N records, 3] (visible view 1, view 2, infrared)
@@ -47,7 +56,6 @@ Deviations from the code, recorded [I]:
 * In the joint step both modalities are scored against the memory as it was before the step;
   the code's infrared loss reads the memory already updated by the visible branch.
 * Single-device BN over the global batch (the code ran 2-GPU DataParallel).
-Not yet: the paper's online pipeline (`pipeline='paper_online'`).
 """
 
 from __future__ import annotations
@@ -73,8 +81,8 @@ from maumjax.models.resnet import stage_output_channels
 from maumjax.train import optim
 from maumjax.train import state as state_lib
 
-STAGES = ("stage1", "stage2", "final")
-PIPELINES = ("code_offline",)
+STAGES = ("stage1", "stage2", "final", "online")
+PIPELINES = ("code_offline", "paper_online")
 GMM_PASS_MODES = ("train", "eval")
 JOINT_FALLBACKS = ("all_clusters", "error")
 VISIBLE, INFRARED = 0, 1
@@ -90,8 +98,9 @@ class MMMConfig:
   """MMM's settings (a trainer config's `mmm` section; defaults: the released code, mmm.md §9).
 
   Attributes:
-    stage: the run's stage, one of `STAGES`.
-    pipeline: 'code_offline' (the released three-script pipeline).
+    stage: the run's stage, one of `STAGES`; 'online' is the paper pipeline's only stage.
+    pipeline: 'code_offline' (the released three-script pipeline, stages 'stage1', 'stage2',
+      'final') or 'paper_online' (the paper's one objective, stage 'online').
     k1, k2: per-modality Jaccard neighbourhoods. [CODE 30, 6]
     joint_k1, joint_k2: the joint (modality-aware) Jaccard's. [CODE SYSU 40, 32; RegDB 38, 18]
     eps: DBSCAN radius on the Jaccard distance. [CODE SYSU 0.6, RegDB 0.3]
@@ -104,6 +113,9 @@ class MMMConfig:
     mem_update: 'sequential' (code) or 'per_label_mean' (`memory.CLUSTER_UPDATES`).
     init_from: a run directory whose latest checkpoint gives the initial parameters and BN
       statistics (stage 2 starts from stage 1); '' = the model's own init / pretrained file.
+    init_best: take init_from's `eval.select='best_on_test'` pick (its <run>/best folder)
+      instead of its latest checkpoint: the code's stage 1 -> 2 hand-off (best test mAP,
+      mmm.md §5.5, §9 row 17); experiments/mmm.py sets it when eval.select='best_on_test'.
     labels_file: the final stage's pseudo-labels (`export_and_match`'s labels.npz).
     num_classes: the final stage's classifier width (the matched label space's size).
     warm_epochs: CE-only epochs over every image before the SCA terms. [CODE 5]
@@ -123,6 +135,9 @@ class MMMConfig:
       running statistics and no augmentation (nothing moves).
     diagnostics: log the pseudo-labels' agreement with the ground truth (ARI, NMI, purity,
       ...; read for reporting only) after every clustering.
+    matching, cost_sum_over, unmatched, off_by_one, sub_memories: the online stage's
+      per-epoch MMLM (`cluster.mmlm_labels`, `cluster.sub_memories`); experiments/mmm.py fills
+      them from its `mmlm` section, which the offline pipeline's MMLM step reads.
     joint_fallback: stage 2, an epoch whose joint clustering has no cluster holding both
       modalities (early training on data with a wide modality gap): 'all_clusters' [I] trains
       that epoch's joint steps on every joint cluster (logged as cmc_clusters_both = 0);
@@ -143,6 +158,7 @@ class MMMConfig:
   mem_momentum: float = 0.1
   mem_update: str = "sequential"
   init_from: str = ""
+  init_best: bool = False
   labels_file: str = ""
   num_classes: int = 0
   warm_epochs: int = 5
@@ -160,15 +176,29 @@ class MMMConfig:
   gmm_pass_mode: str = "train"
   diagnostics: bool = True
   joint_fallback: str = "all_clusters"
+  matching: str = "greedy"
+  cost_sum_over: str = "ir"
+  unmatched: str = "nearest"
+  off_by_one: bool = False
+  sub_memories: int = 4
 
   def __post_init__(self):
     for name, choices in (("stage", STAGES), ("pipeline", PIPELINES),
                           ("joint_fallback", JOINT_FALLBACKS),
                           ("mem_update", memory_lib.CLUSTER_UPDATES),
                           ("intra_form", losses.INTRA_FORMS), ("inter_norm", losses.INTER_NORMS),
-                          ("gmm_pass_mode", GMM_PASS_MODES)):
+                          ("gmm_pass_mode", GMM_PASS_MODES),
+                          ("matching", cluster_lib.MATCHINGS),
+                          ("cost_sum_over", cluster_lib.COST_SUMS),
+                          ("unmatched", cluster_lib.UNMATCHED)):
       if getattr(self, name) not in choices:
         raise ValueError(f"mmm.{name}={getattr(self, name)!r}; choose one of {choices}")
+    if (self.pipeline == "paper_online") != (self.stage == "online"):
+      raise ValueError(f"mmm.stage={self.stage!r} with mmm.pipeline={self.pipeline!r}: the "
+                       "'online' stage is the paper_online pipeline's only stage, and the "
+                       "code_offline pipeline's stages are stage1, stage2 and final")
+    if self.sub_memories < 1:
+      raise ValueError(f"mmm.sub_memories={self.sub_memories} must be >= 1")
     if self.stage == "final" and (self.num_classes < 1 or not self.labels_file):
       raise ValueError("mmm.stage='final' needs mmm.labels_file (the MMLM labels.npz) and "
                        "mmm.num_classes >= 1; experiments/mmm.py fills both after MMLM")
@@ -199,16 +229,21 @@ def _check_model(model_cfg: dict[str, Any]) -> dict[str, Any]:
   return model_cfg
 
 
-def restore_variables(run_dir: str | os.PathLike, template: state_lib.TrainState):
-  """(params, batch_stats) of the latest checkpoint of the run in `run_dir`, checked against the
-  structure and shapes of `template`'s (the same network; the optimiser may differ)."""
+def restore_variables(run_dir: str | os.PathLike, template: state_lib.TrainState, *,
+                      best: bool = False):
+  """(params, batch_stats) of the latest checkpoint of the run in `run_dir` (with `best`: of
+  its `eval.select='best_on_test'` pick), checked against the structure and shapes of
+  `template`'s (the same network; the optimiser may differ)."""
   from maumjax.train import checkpoint as checkpoint_lib
 
   run_dir = Path(run_dir)
-  if not checkpoint_lib.saved_steps(run_dir):
-    raise FileNotFoundError(f"mmm.init_from={str(run_dir)!r} holds no checkpoint; give the "
-                            "directory of a finished earlier stage (e.g. <workdir>/stage1)")
-  with checkpoint_lib.Checkpointer(run_dir) as ckpt:
+  subdir = checkpoint_lib.BEST_SUBDIR if best else "checkpoints"
+  if not checkpoint_lib.saved_steps(run_dir, subdir):
+    raise FileNotFoundError(
+        f"mmm.init_from={str(run_dir)!r} holds no checkpoint in {subdir}/; give the directory "
+        "of a finished earlier stage (e.g. <workdir>/stage1)" + (
+            ", trained with eval.select='best_on_test' (mmm.init_best)" if best else ""))
+  with checkpoint_lib.Checkpointer(run_dir, subdir=subdir) as ckpt:
     arrays = ckpt.restore_arrays()
   out = []
   for part in ("params", "batch_stats"):
@@ -239,12 +274,18 @@ def init(config: dict[str, Any], data: api.DataInfo, *, seed: int = 0) -> api.Se
                     "proto": jnp.zeros((3, cfg.num_classes, dim), jnp.float32)}
   else:
     method_state = {k: jnp.zeros((cfg.max_clusters, dim), jnp.float32) for k in MEMORIES}
+  if cfg.stage == "online":
+    # Per record: its per-modality and joint cluster ids (-1: outlier), its clean
+    # probabilities (visible view 1, view 2, infrared); prototypes per matched label.
+    method_state.update(ids=jnp.full((data.num_records, 2), -1, jnp.int32),
+                        weights=jnp.ones((data.num_records, 3), jnp.float32),
+                        proto=jnp.zeros((3, cfg.max_clusters, dim), jnp.float32))
   tx = optim.make_optimizer(optim.OptimConfig(**config["optim"]), data.steps_per_epoch,
                             reid_lib.param_groups)
   state = state_lib.TrainState.create(params=params, batch_stats=variables["batch_stats"],
                                       tx=tx, method_state=method_state, seed=seed)
   if cfg.init_from:
-    restored, stats = restore_variables(cfg.init_from, state)
+    restored, stats = restore_variables(cfg.init_from, state, best=cfg.init_best)
     state = state_lib.TrainState.create(params=restored, batch_stats=stats, tx=tx,
                                         method_state=method_state, seed=seed)
   pipe = config["data"]["pipeline"]
@@ -263,20 +304,25 @@ def init(config: dict[str, Any], data: api.DataInfo, *, seed: int = 0) -> api.Se
 
 def phase(setup: api.Setup, epoch: int) -> int:
   """Stages 1 and 2: one phase. Final: 0 during the warm-up, then 1 + 2 (Intra on) + 4 (Inter
-  on), so a term that has not started is not computed."""
+  on), so a term that has not started is not computed. Online: 1 + 2 (Intra) + 4 (Inter)."""
   cfg = setup.config.mmm
-  if cfg.stage != "final" or epoch < cfg.warm_epochs:
+  if cfg.stage not in ("final", "online") or (cfg.stage == "final" and
+                                              epoch < cfg.warm_epochs):
     return 0
   return 1 + 2 * (cfg.intra and epoch >= cfg.intra_start) + 4 * (cfg.inter and
                                                                  epoch >= cfg.inter_start)
 
 
 def describe_phase(setup: api.Setup, phase_: int) -> str | None:
-  """What changes in the loss at a final-stage phase change."""
-  if setup.config.mmm.stage != "final" or phase_ == 0:
+  """What changes in the loss at a final- or online-stage phase change."""
+  stage = setup.config.mmm.stage
+  if stage not in ("final", "online") or phase_ == 0:
     return None
-  terms = ["weighted CE", "triplet"] + ["Intra"] * bool(phase_ & 2) + ["Inter"] * bool(phase_ & 4)
-  return "warm-up over; per-sample GMM weights and " + " + ".join(terms)
+  sca = ["Intra"] * bool(phase_ & 2) + ["Inter"] * bool(phase_ & 4)
+  if stage == "online":
+    return "loss: " + " + ".join(["ClusterNCE (per-modality and joint)"] + sca)
+  return "warm-up over; per-sample GMM weights and " + " + ".join(["weighted CE", "triplet"]
+                                                                   + sca)
 
 
 def exchange_view(rgb: dict[str, jax.Array], rng: jax.Array, aug: augment_lib.AugmentConfig,
@@ -299,11 +345,50 @@ def exchange_view(rgb: dict[str, jax.Array], rng: jax.Array, aug: augment_lib.Au
   return augment_lib.apply_jax_tensor(rgb["pixels"], params, cfg)
 
 
-def _forward(model, params, state, v1, v2, ir):
-  """Train-mode forward of [v1; v2] (visible stem) and ir (thermal stem) in one batch."""
+def _streams(model, params, state, batch, rng, s: Settings, ctx: api.StepContext):
+  """The step's train-mode forward of [view 1; view 2 (channel exchange)] (visible stem) and
+  the infrared images (thermal stem) in one batch.
+
+  Returns:
+    (BN-neck streams, pre-BN float32 streams, new batch_stats); each is (view 1, view 2,
+    infrared), gathered over the devices (global batch order).
+  """
+  v1 = batch["rgb"]["image"]
+  v2 = exchange_view(batch["rgb"], rng, s.aug_rgb, ctx)
+  b = v1.shape[0]
   out, updates = model.apply({"params": params["model"], "batch_stats": state.batch_stats},
-                             jnp.concatenate([v1, v2]), ir, train=True, mutable=["batch_stats"])
-  return out["global"], updates["batch_stats"]
+                             jnp.concatenate([v1, v2]), batch["ir"]["image"], train=True,
+                             mutable=["batch_stats"])
+  split = lambda x: (ctx.gather(x[:b]), ctx.gather(x[b:2 * b]), ctx.gather(x[2 * b:]))  # noqa
+  return (split(out["global"]["bn"][:, 0]),
+          split(out["global"]["pre"][:, 0].astype(jnp.float32)), updates["batch_stats"])
+
+
+def _sca_terms(cfg: MMMConfig, num_ids: int, pre, y, yi, weights, proto, *, intra: bool,
+               inter: bool) -> dict[str, jax.Array]:
+  """Intra and Inter (mmm.md §7.5) of the pre-BN streams (view 1, view 2, infrared) with the
+  visible / infrared labels `y`, `yi`, the streams' clean probabilities and prototypes
+  [3, C, D]; L_SM_rgb is the mean of the two views', and the weights sm_w, md_w apply
+  outside."""
+  x1, x2, xi = pre
+  w1, w2, wi = weights
+  terms = {}
+  if intra:
+    sm = lambda x, lab, p, w: losses.self_mimic_loss(x, lab, p, w,  # noqa: E731
+                                                     form=cfg.intra_form)
+    terms["intra"] = (0.5 * (sm(x1, y, proto[0], w1) + sm(x2, y, proto[1], w2))
+                      + sm(xi, yi, proto[2], wi))
+  if inter:
+    terms["inter"] = losses.inter_modality_mmd([x1, x2], xi, num_ids=num_ids,
+                                               norm=cfg.inter_norm)
+  return terms
+
+
+def _record_weights(state, batch, ctx: api.StepContext):
+  """The clean probabilities (view 1, view 2, infrared) of the step's records (global)."""
+  wts = state.method_state["weights"]
+  i_rgb, i_ir = (ctx.gather(batch[m]["index"]) for m in ("rgb", "ir"))
+  return wts[i_rgb, 0], wts[i_rgb, 1], wts[i_ir, 2]
 
 
 def _cluster_parts(setup: api.Setup, ctx: api.StepContext) -> api.StepParts:
@@ -329,13 +414,8 @@ def _cluster_parts(setup: api.Setup, ctx: api.StepContext) -> api.StepParts:
     return (jnp.where(odd, mem["all"], mem["rgb"]), jnp.where(odd, mem["all"], mem["ir"]))
 
   def loss_fn(params, state, batch, rng):
-    v1 = batch["rgb"]["image"]
-    v2 = exchange_view(batch["rgb"], rng, s.aug_rgb, ctx)
-    b = v1.shape[0]
-    out, stats = _forward(model, params, state, v1, v2, batch["ir"]["image"])
-    bn = out["bn"][:, 0]
-    f_rgb = jnp.concatenate([ctx.gather(bn[:b]), ctx.gather(bn[b:2 * b])])
-    f_ir = ctx.gather(bn[2 * b:])
+    (b1, b2, f_ir), _, stats = _streams(model, params, state, batch, rng, s, ctx)
+    f_rgb = jnp.concatenate([b1, b2])
     odd, y_rgb, y_ir = pick(state, batch)
     y_rgb = jnp.concatenate([y_rgb, y_rgb])
     m_rgb, m_ir = memories(state, odd)
@@ -375,39 +455,21 @@ def _final_parts(setup: api.Setup, phase_: int, ctx: api.StepContext) -> api.Ste
   intra, inter = bool(phase_ & 2), bool(phase_ & 4)
 
   def loss_fn(params, state, batch, rng):
-    v1 = batch["rgb"]["image"]
-    v2 = exchange_view(batch["rgb"], rng, s.aug_rgb, ctx)
-    b = v1.shape[0]
-    out, stats = _forward(model, params, state, v1, v2, batch["ir"]["image"])
-    logits = out["bn"][:, 0].astype(jnp.float32) @ params["classifier"]
-    pre = out["pre"][:, 0].astype(jnp.float32)
-    streams = lambda x: [ctx.gather(x[:b]), ctx.gather(x[b:2 * b]), ctx.gather(x[2 * b:])]  # noqa
-    x1, x2, xi = streams(pre)
-    logits = jnp.concatenate(streams(logits))
+    bn, pre, stats = _streams(model, params, state, batch, rng, s, ctx)
+    logits = jnp.concatenate(bn).astype(jnp.float32) @ params["classifier"]
     y, yi = (ctx.gather(batch[m]["label"].astype(jnp.int32)) for m in ("rgb", "ir"))
     labels = jnp.concatenate([y, y, yi])
     ce = losses.softmax_cross_entropy(logits, labels)
     if warm:
       return {"id": jnp.mean(ce)}, stats
-    wts = state.method_state["weights"]
-    i_rgb, i_ir = (ctx.gather(batch[m]["index"]) for m in ("rgb", "ir"))
-    w1, w2, wi = wts[i_rgb, 0], wts[i_rgb, 1], wts[i_ir, 2]
+    weights = _record_weights(state, batch, ctx)
     terms = {}
     if cfg.use_ce:
-      terms["id"] = jnp.mean(jnp.concatenate([w1, w2, wi]) * ce)
+      terms["id"] = jnp.mean(jnp.concatenate(weights) * ce)
     if cfg.use_triplet:
-      terms["tri"] = losses.batch_hard_triplet(jnp.concatenate([x1, x2, xi]), labels,
-                                               margin=cfg.margin)
-    if intra:
-      proto = state.method_state["proto"]
-      sm = lambda x, lab, p, w: losses.self_mimic_loss(x, lab, p, w,  # noqa: E731
-                                                       form=cfg.intra_form)
-      # L_SM_rgb (the mean of the two views) + L_SM_ir; weight sm_w outside (mmm.md §7.5).
-      terms["intra"] = (0.5 * (sm(x1, y, proto[0], w1) + sm(x2, y, proto[1], w2))
-                        + sm(xi, yi, proto[2], wi))
-    if inter:
-      terms["inter"] = losses.inter_modality_mmd([x1, x2], xi, num_ids=s.num_identities,
-                                                 norm=cfg.inter_norm)
+      terms["tri"] = losses.batch_hard_triplet(jnp.concatenate(pre), labels, margin=cfg.margin)
+    terms.update(_sca_terms(cfg, s.num_identities, pre, y, yi, weights,
+                            state.method_state["proto"], intra=intra, inter=inter))
     return terms, stats
 
   weights = ({"id": 1.0} if warm else
@@ -415,10 +477,67 @@ def _final_parts(setup: api.Setup, phase_: int, ctx: api.StepContext) -> api.Ste
   return api.StepParts(loss=loss_fn, weights=weights, pixels=True)
 
 
+def _online_parts(setup: api.Setup, phase_: int, ctx: api.StepContext) -> api.StepParts:
+  """The paper pipeline's one objective (mmm.md §1, §9 row 1): L_CMC + L_SCA.
+
+  L_CMC: ClusterNCE of both visible views against the visible memory and of the infrared
+  images against the infrared memory (per-modality cluster ids), plus both modalities against
+  the joint memory (joint cluster ids; joint outliers sit out). L_SCA: Intra and Inter on the
+  pre-BN features with the matched labels the sampler drew (and the triplet when
+  `use_triplet`). The cluster ids are looked up per record in the method state, so the
+  pipeline carries only the matched label. After the step the three memories move, the joint
+  one visible samples first.
+  """
+  s = setup.config
+  cfg = s.mmm
+  model = setup.model.clone(axis_name=ctx.bn_axis_name)
+  intra, inter = bool(phase_ & 2), bool(phase_ & 4)
+
+  def loss_fn(params, state, batch, rng):
+    (b1, b2, bi), pre, stats = _streams(model, params, state, batch, rng, s, ctx)
+    f_rgb = jnp.concatenate([b1, b2])
+    mst = state.method_state
+    i_rgb, i_ir = (ctx.gather(batch[m]["index"]) for m in ("rgb", "ir"))
+    ids_rgb = jnp.concatenate([mst["ids"][i_rgb]] * 2)
+    ids_ir = mst["ids"][i_ir]
+    nce = lambda f, y, m: losses.cluster_nce_loss(f, y, m, temperature=cfg.temperature)  # noqa
+    terms = {"nce_rgb": nce(f_rgb, ids_rgb[:, 0], mst["rgb"]),
+             "nce_ir": nce(bi, ids_ir[:, 0], mst["ir"]),
+             "cmc_rgb": nce(f_rgb, ids_rgb[:, 1], mst["all"]),
+             "cmc_ir": nce(bi, ids_ir[:, 1], mst["all"])}
+    y, yi = (ctx.gather(batch[m]["label"].astype(jnp.int32)) for m in ("rgb", "ir"))
+    if cfg.use_triplet:
+      terms["tri"] = losses.batch_hard_triplet(jnp.concatenate(pre),
+                                               jnp.concatenate([y, y, yi]), margin=cfg.margin)
+    terms.update(_sca_terms(cfg, s.num_identities, pre, y, yi,
+                            _record_weights(state, batch, ctx), mst["proto"], intra=intra,
+                            inter=inter))
+    return terms, stats, (f_rgb, ids_rgb, bi, ids_ir)
+
+  def after(state, params, finite, aux):
+    f_rgb, ids_rgb, f_ir, ids_ir = aux
+    mem = state.method_state
+    update = lambda m, f, y: memory_lib.update_cluster_memory(  # noqa: E731
+        m, f, y, momentum=cfg.mem_momentum, mode=cfg.mem_update)
+    new = dict(mem)
+    new["rgb"] = update(mem["rgb"], f_rgb, ids_rgb[:, 0])
+    new["ir"] = update(mem["ir"], f_ir, ids_ir[:, 0])
+    new["all"] = update(update(mem["all"], f_rgb, ids_rgb[:, 1]), f_ir, ids_ir[:, 1])
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, dict(mem))
+    return params, new
+
+  weights = {"nce_rgb": 1.0, "nce_ir": 1.0, "cmc_rgb": 1.0, "cmc_ir": 1.0, "tri": 1.0,
+             "intra": cfg.sm_w, "inter": cfg.md_w}
+  return api.StepParts(loss=loss_fn, weights=weights, after=after, pixels=True, aux=True)
+
+
 def step_parts(setup: api.Setup, phase_: int, ctx: api.StepContext) -> api.StepParts:
   """The stage's pieces of the train step."""
-  if setup.config.mmm.stage == "final":
+  stage = setup.config.mmm.stage
+  if stage == "final":
     return _final_parts(setup, phase_, ctx)
+  if stage == "online":
+    return _online_parts(setup, phase_, ctx)
   return _cluster_parts(setup, ctx)
 
 
@@ -499,13 +618,19 @@ def extract(setup: api.Setup, state, data: api.EpochData, indices: np.ndarray, *
   return {k: (np.concatenate(v) if v else np.zeros((0, dim), np.float32)) for k, v in outs.items()}
 
 
+def _unit(x: np.ndarray) -> np.ndarray:
+  return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _flip_average(out: dict[str, np.ndarray]) -> np.ndarray:
+  return ((_unit(out["bn"]) + _unit(out["flip_bn"])) / 2).astype(np.float32)
+
+
 def cluster_features(setup: api.Setup, state, data: api.EpochData,
                      indices: np.ndarray) -> np.ndarray:
   """The clustering's features (mmm.md §4): the mean of the L2-normalised BN-neck features of
   each image and its mirror, not re-normalised."""
-  out = extract(setup, state, data, indices, flip=True)
-  unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa
-  return ((unit(out["bn"]) + unit(out["flip_bn"])) / 2).astype(np.float32)
+  return _flip_average(extract(setup, state, data, indices, flip=True))
 
 
 def _pad_memory(mem: np.ndarray, rows: int, what: str) -> jnp.ndarray:
@@ -523,6 +648,49 @@ def _checked_labels(labels: np.ndarray, what: str, cfg: MMMConfig) -> np.ndarray
                      f"mmm.eps={cfg.eps}, min_samples={cfg.min_samples}); raise mmm.eps or "
                      "check the features")
   return labels
+
+
+def match_modalities(feats: np.ndarray, is_ir: np.ndarray, lab_rgb: np.ndarray,
+                     lab_ir: np.ndarray, *, matching: str = "greedy", cost_sum_over: str = "ir",
+                     unmatched: str = "nearest", off_by_one: bool = False,
+                     sub_memories: int = 4) -> np.ndarray:
+  """MMLM (mmm.md §6): k-means sub-memories of every cluster of each modality, the visible-to-
+  infrared cluster matching and the visible labels moved into the infrared label space.
+
+  Args:
+    feats: [N, D] the clustering's features of the records; is_ir: bool [N].
+    lab_rgb, lab_ir: the per-modality cluster labels of the visible / infrared rows.
+
+  Returns:
+    int64 [number of visible rows]: the visible labels in the infrared label space.
+  """
+  sub_rgb = cluster_lib.sub_memories(feats[~is_ir], lab_rgb, n=sub_memories)
+  sub_ir = cluster_lib.sub_memories(feats[is_ir], lab_ir, n=sub_memories)
+  return cluster_lib.mmlm_labels(lab_rgb, sub_rgb, sub_ir, method=matching,
+                                 cost_sum_over=cost_sum_over, unmatched=unmatched,
+                                 off_by_one=off_by_one)
+
+
+def _prototypes(streams, weights: np.ndarray, old: np.ndarray) -> np.ndarray:
+  """Confidence-weighted prototypes (mmm.md §7.6): per stream k and label c, the sum of
+  weight x pre-BN feature over the stream's records labelled c divided by their count; `old`
+  where a label has no record.
+
+  Args:
+    streams: three (records [n], labels [n], pre-BN features [n, D], weight column) tuples
+      (visible view 1, view 2, infrared).
+    weights: [N records, 3] clean probabilities.
+    old: [3, C, D].
+  """
+  proto = np.array(old, np.float32)
+  num = proto.shape[1]
+  for k, (idx, y, pre, col) in enumerate(streams):
+    sums = np.zeros((num, proto.shape[2]), np.float64)
+    np.add.at(sums, y, pre * weights[idx, col][:, None])
+    counts = np.bincount(y, minlength=num)
+    seen = counts > 0
+    proto[k][seen] = (sums[seen] / counts[seen][:, None]).astype(np.float32)
+  return proto
 
 
 def cluster_modalities(feats: np.ndarray, is_ir: np.ndarray, cfg: MMMConfig):
@@ -665,17 +833,9 @@ def _final_epoch(setup: api.Setup, state, epoch: int, data: api.EpochData):
     oi = extract(setup, state, data, ir)
   if epoch > cfg.warm_epochs:
     # The prototypes of the epoch that just ended, with its weights (mmm.md §7.6).
-    proto = np.zeros((3, cfg.num_classes, setup.config.feature_dim), np.float32)
-    for k, (idx, out, col) in enumerate(((rgb, o1, 0), (rgb, o2, 1), (ir, oi, 2))):
-      y = labels[idx]
-      sums = np.zeros((cfg.num_classes, proto.shape[2]), np.float64)
-      np.add.at(sums, y, out["pre"] * weights[idx, col][:, None])
-      counts = np.bincount(y, minlength=cfg.num_classes)
-      seen = counts > 0
-      proto[k][seen] = (sums[seen] / counts[seen][:, None]).astype(np.float32)
-      old = np.asarray(mstate["proto"][k])
-      proto[k][~seen] = old[~seen]
-    mstate["proto"] = jnp.asarray(proto)
+    mstate["proto"] = jnp.asarray(_prototypes(
+        [(rgb, labels[rgb], o1["pre"], 0), (rgb, labels[rgb], o2["pre"], 1),
+         (ir, labels[ir], oi["pre"], 2)], weights, np.asarray(mstate["proto"])))
   kernel = np.asarray(variables["classifier"], np.float32)
 
   def ce(out, y):
@@ -771,10 +931,98 @@ def train_mode_losses(setup: api.Setup, state, data: api.EpochData, rgb: np.ndar
   return got[0], got[1], got[2], stats
 
 
+def nce_losses(feats: np.ndarray, labels: np.ndarray, memory: np.ndarray,
+               temperature: float) -> np.ndarray:
+  """Per-sample ClusterNCE, -log softmax(normalise(x) M^T / tau)[y] over the memory's non-zero
+  rows (NumPy, float64): the online stage's GMM input."""
+  mem = np.asarray(memory, np.float64)
+  logits = _unit(np.asarray(feats, np.float64)) @ mem.T / temperature
+  logits = np.where(np.any(mem != 0, axis=1)[None], logits, -np.inf)
+  top = logits.max(1, keepdims=True)
+  lse = np.log(np.exp(logits - top).sum(1)) + top[:, 0]
+  return lse - logits[np.arange(len(labels)), labels]
+
+
+def _online_epoch(setup: api.Setup, state, epoch: int, data: api.EpochData):
+  """The paper pipeline's epoch start: per-modality and joint re-clustering with their
+  memories (as stages 1 and 2), the MMLM matching of this epoch's clusters (the sampler's
+  labels), and, while Intra is on, the GMM clean probabilities and the prototypes.
+
+  GMM input [I] (the paper has no classifier here): each sample's ClusterNCE loss against the
+  infrared memory at its matched label, i.e. how well its feature agrees with the infrared
+  cluster it was matched to (view 1 and view 2 fitted together, infrared alone). The
+  prototypes are the confidence-weighted means of this epoch's pre-BN features (mmm.md §7.6's
+  formula) over the matched labels.
+  """
+  cfg = setup.config.mmm
+  kept = np.flatnonzero(data.keep)
+  is_ir = np.asarray(data.metadata["modality"])[kept] == INFRARED
+  out = extract(setup, state, data, kept, flip=True)
+  feats = _flip_average(out)
+  lab_rgb, lab_ir = cluster_modalities(feats, is_ir, cfg)
+  mem = dict(state.method_state)
+  mem["rgb"] = _pad_memory(cluster_lib.init_cluster_memory(feats[~is_ir], lab_rgb),
+                           cfg.max_clusters, "visible")
+  mem["ir"] = _pad_memory(cluster_lib.init_cluster_memory(feats[is_ir], lab_ir),
+                          cfg.max_clusters, "infrared")
+  dist = cluster_lib.jaccard_distance(feats, k1=cfg.joint_k1, k2=cfg.joint_k2, modality=is_ir)
+  lab_all = _checked_labels(
+      cluster_lib.pseudo_labels(dist, eps=cfg.eps, min_samples=cfg.min_samples), "joint", cfg)
+  del dist
+  mem["all"] = _pad_memory(cluster_lib.init_cluster_memory(feats, lab_all, modality=is_ir),
+                           cfg.max_clusters, "joint")
+  moved = match_modalities(feats, is_ir, lab_rgb, lab_ir, matching=cfg.matching,
+                           cost_sum_over=cfg.cost_sum_over, unmatched=cfg.unmatched,
+                           off_by_one=cfg.off_by_one, sub_memories=cfg.sub_memories)
+  num = len(data.keep)
+  ids = np.full((num, 2), -1, np.int32)
+  ids[kept[~is_ir], 0], ids[kept[is_ir], 0], ids[kept, 1] = lab_rgb, lab_ir, lab_all
+  labels = np.full(num, -1, np.int64)
+  labels[kept[~is_ir]], labels[kept[is_ir]] = moved, lab_ir
+  if labels.max() + 1 > cfg.max_clusters:
+    raise ValueError(f"the matched label space has {labels.max() + 1} labels, more than "
+                     f"mmm.max_clusters={cfg.max_clusters}; raise mmm.max_clusters")
+  mem["ids"] = jnp.asarray(ids)
+  if cfg.intra and epoch >= cfg.intra_start:
+    pos_rgb = np.flatnonzero(~is_ir)[moved >= 0]
+    pos_ir = np.flatnonzero(is_ir)[lab_ir >= 0]
+    rgb, ir = kept[pos_rgb], kept[pos_ir]
+    y_rgb, y_ir = labels[rgb], labels[ir]
+    exchange = np.random.default_rng([setup.config.seed, epoch, 7]).integers(0, 3, len(rgb))
+    o2 = extract(setup, state, data, rgb, exchange=exchange)
+    m_ir = np.asarray(mem["ir"])
+    nll = lambda f, y: nce_losses(f, y, m_ir, cfg.temperature)  # noqa: E731
+    w1, w2 = cluster_lib.clean_probability(nll(out["bn"][pos_rgb], y_rgb),
+                                           nll(o2["bn"], y_rgb))
+    (wi,) = cluster_lib.clean_probability(nll(out["bn"][pos_ir], y_ir))
+    weights = np.ones((num, 3), np.float32)
+    weights[rgb, 0], weights[rgb, 1], weights[ir, 2] = w1, w2, wi
+    mem["weights"] = jnp.asarray(weights)
+    mem["proto"] = jnp.asarray(_prototypes(
+        [(rgb, y_rgb, out["pre"][pos_rgb], 0), (rgb, y_rgb, o2["pre"], 1),
+         (ir, y_ir, out["pre"][pos_ir], 2)], weights, np.zeros(mem["proto"].shape, np.float32)))
+    _log(data, {"weight_rgb_mean": float(np.mean(np.concatenate([w1, w2]))),
+                "weight_ir_mean": float(np.mean(wi))}, kind="gmm")
+  if cfg.diagnostics:
+    logged = _diagnostics(data, kept, is_ir, lab_rgb, lab_ir, joint=False)
+    cmc = _diagnostics(data, kept, is_ir, lab_all[~is_ir], lab_all[is_ir], joint=True)
+    logged.update({f"cmc_{k}": v for k, v in cmc.items()})
+    # The matched labels' cross-modality numbers keep the plain names (as after MMLM).
+    matched = _diagnostics(data, kept, is_ir, moved, lab_ir, joint=True)
+    logged.update({k: matched[k] for k in JOINT_KEYS})
+    logged["matched_classes"] = float(len(np.unique(labels[labels >= 0])))
+    _log(data, logged)
+  return state.replace(method_state=mem), labels
+
+
 def on_epoch_start(setup: api.Setup, state, epoch: int, data: api.EpochData):
-  """Re-clustering (stages 1, 2) or the GMM / prototype pass (final) before an epoch."""
-  if setup.config.mmm.stage == "final":
+  """Re-clustering (stages 1, 2), the GMM / prototype pass (final), or both with the
+  per-epoch matching (online) before an epoch."""
+  stage = setup.config.mmm.stage
+  if stage == "final":
     return _final_epoch(setup, state, epoch, data)
+  if stage == "online":
+    return _online_epoch(setup, state, epoch, data)
   return _recluster(setup, state, epoch, data)
 
 
@@ -815,11 +1063,9 @@ def export_and_match(config: dict[str, Any], run_dir: str | os.PathLike,
   is_ir = np.asarray(pipe.metadata["modality"])[kept] == INFRARED
   feats = cluster_features(setup, state, data, kept)
   lab_rgb, lab_ir = cluster_modalities(feats, is_ir, cfg)
-  sub_rgb = cluster_lib.sub_memories(feats[~is_ir], lab_rgb, n=sub_memories)
-  sub_ir = cluster_lib.sub_memories(feats[is_ir], lab_ir, n=sub_memories)
-  moved = cluster_lib.mmlm_labels(lab_rgb, sub_rgb, sub_ir, method=matching,
-                                  cost_sum_over=cost_sum_over, unmatched=unmatched,
-                                  off_by_one=off_by_one)
+  moved = match_modalities(feats, is_ir, lab_rgb, lab_ir, matching=matching,
+                           cost_sum_over=cost_sum_over, unmatched=unmatched,
+                           off_by_one=off_by_one, sub_memories=sub_memories)
   labels = np.full(len(pipe.keep), -1, np.int64)
   labels[kept[~is_ir]] = moved
   labels[kept[is_ir]] = lab_ir

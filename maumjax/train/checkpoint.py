@@ -69,6 +69,9 @@ def os_reason(error: BaseException) -> str | None:
   return None
 
 
+BEST_SUBDIR = "best"  # <workdir>/best: the trainer's eval.select='best_on_test' pick
+
+
 def saved_steps(workdir: str | os.PathLike, subdir: str = "checkpoints") -> list[int]:
   """The steps of the complete checkpoints under `<workdir>/<subdir>`, without Orbax.
 

@@ -74,6 +74,7 @@ EVAL_CHOICES = {
     "distance": metrics.DISTANCES,  # ranking distance (both datasets)
     "regdb_cmc": ("plain", "dedup"),  # RegDB CMC convention
     "select": ("last", "best_on_test"),  # the model the final evaluation scores
+    "select_metric": ("r1", "mAP"),  # what 'best' means for select='best_on_test'
 }
 
 

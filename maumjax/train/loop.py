@@ -141,7 +141,7 @@ class _Steps:
     return self._compiled[phase]
 
 
-BEST_SUBDIR = "best"  # <workdir>/best: the eval.select='best_on_test' pick
+BEST_SUBDIR = checkpoint_lib.BEST_SUBDIR  # <workdir>/best: the eval.select='best_on_test' pick
 
 
 def train_and_evaluate(config, workdir: str | os.PathLike, *, max_steps: int | None = None,
@@ -369,7 +369,8 @@ def _train_and_evaluate(method, config: dict[str, Any], workdir: Path, max_steps
         timer.resume()
         say(f"epoch {epoch - 1} quick evaluation: {_headline(summary)}")
         if best_ckpt is not None:
-          best = _keep_best(best_ckpt, best, summary, step, epoch - 1, host_state)
+          best = _keep_best(best_ckpt, best, summary, step, epoch - 1, host_state,
+                            metric=config["eval"].get("select_metric", "r1"))
         del host_state
     jax.block_until_ready(dstate)
     timer.pause()
@@ -386,7 +387,8 @@ def _train_and_evaluate(method, config: dict[str, Any], workdir: Path, max_steps
     if best_ckpt is not None:  # the final state is a candidate too
       summary = quick_evaluation(state, config["num_epochs"] - 1)
       say(f"final quick evaluation: {_headline(summary)}")
-      best = _keep_best(best_ckpt, best, summary, step, config["num_epochs"] - 1, state)
+      best = _keep_best(best_ckpt, best, summary, step, config["num_epochs"] - 1, state,
+                        metric=config["eval"].get("select_metric", "r1"))
       best_ckpt.wait()
       if best["step"] != step:
         state, _ = best_ckpt.restore(setup.state)
@@ -464,11 +466,12 @@ def _restart_advice(ckpt: checkpoint_lib.Checkpointer, config: dict[str, Any]) -
 
 def _keep_best(best_ckpt: checkpoint_lib.Checkpointer, best: dict[str, Any] | None,
                summary: dict[str, dict[str, float]], step: int, epoch: int,
-               state) -> dict[str, Any]:
-  """Saves the state in `best_ckpt` when this quick evaluation's first-setting R1 beats `best`
-  (ties keep the earlier state); returns the record of the best so far."""
+               state, *, metric: str = "r1") -> dict[str, Any]:
+  """Saves the state in `best_ckpt` when this quick evaluation's first-setting `metric` ('r1'
+  or 'mAP', `eval.select_metric`) beats `best` (ties keep the earlier state); returns the
+  record of the best so far."""
   setting, values = next(iter(summary.items()))
-  if best is not None and values["r1"] <= best["r1_pct"]:
+  if best is not None and values[metric] <= best[f"{metric}_pct"]:
     return best
   best = {"step": step, "epoch": epoch, "setting": setting, "r1_pct": values["r1"],
           "mAP_pct": values["mAP"]}

@@ -332,3 +332,27 @@ def test_pipeline_rejects_bad_label_shapes_and_agw_columns():
   with pytest.raises(ValueError, match="sampler 'agw' takes one label per record"):
     build(pipeline_lib.PipelineConfig(num_identities=2, num_instances=2),
           np.stack([labels, labels], 1))
+
+
+def test_pseudo_sampler_pairs_labels_of_both_modalities_with_replacement_below_p():
+  """'pseudo': each step's P chunks are one label's K visible and K infrared records; labels
+  of one modality only are never drawn; with fewer two-modality labels than P they repeat
+  within a step; without any, a clear error."""
+  labels = np.array([0] * 5 + [1] * 5 + [2] * 3 + [0] * 4 + [1] * 4 + [3] * 4)
+  modality = np.array([0] * 13 + [1] * 12)
+  sampler = sampler_lib.PseudoIdentitySampler(labels, modality, num_identities=4,
+                                              num_instances=3, seed=1)
+  assert sampler.steps_per_epoch == 13 // 12 + 1  # the 'agw' length over every kept record
+  plan = sampler.epoch(0)
+  vis = plan.visible.reshape(sampler.steps_per_epoch, 4, 3)
+  ir = plan.infrared.reshape(sampler.steps_per_epoch, 4, 3)
+  for s in range(sampler.steps_per_epoch):
+    for j in range(4):
+      (lv,), (li,) = np.unique(labels[vis[s, j]]), np.unique(labels[ir[s, j]])
+      assert lv == li and lv in (0, 1)  # paired, never the one-modality labels 2 and 3
+      assert np.all(modality[vis[s, j]] == 0) and np.all(modality[ir[s, j]] == 1)
+  assert len(set(labels[vis[:, :, 0]].ravel().tolist())) == 2  # drawn with replacement
+  np.testing.assert_array_equal(sampler.epoch(0).visible, plan.visible)
+  with pytest.raises(ValueError, match="both modalities"):
+    sampler_lib.PseudoIdentitySampler(np.array([0, 0, 1, 1]), np.array([0, 0, 1, 1]),
+                                      num_identities=1, num_instances=1)

@@ -16,6 +16,8 @@ from maumjax.data import pipeline as pipeline_lib
 from maumjax.errors import UserError
 from tests.methods.test_mmm import _smoke
 
+OFFLINE_TRAINED = ("stage1", "stage2", "final")
+
 
 def _final_states(*run_dirs):
   """(arrays, meta) of the latest checkpoint of each run."""
@@ -47,7 +49,7 @@ def test_every_stage_runs_and_a_finished_stage_is_not_rerun(smoke_run, tmp_path,
   work, results, cache = smoke_run
   monkeypatch.setenv("MAUMJAX_CACHE", str(cache))
   assert set(results) == {"stage1", "stage2", "mmlm", "final"}
-  for stage in mmm_cli.TRAINED:
+  for stage in OFFLINE_TRAINED:
     assert (work / stage / "metrics.json").is_file()
     assert 0.0 <= results[stage]["summary"]["all/single"]["r1"] <= 100.0
   from maumjax.train import checkpoint as checkpoint_lib
@@ -66,12 +68,12 @@ def test_every_stage_runs_and_a_finished_stage_is_not_rerun(smoke_run, tmp_path,
   gmm = writers.read_log(work / "final", "gmm")
   assert [r["epoch"] for r in gmm] == [1]  # every epoch after the warm-up
   assert (work / "diagnostics.png").stat().st_size > 0
-  stamps = {s: (work / s / "metrics.json").stat().st_mtime_ns for s in mmm_cli.TRAINED}
+  stamps = {s: (work / s / "metrics.json").stat().st_mtime_ns for s in OFFLINE_TRAINED}
   capsys.readouterr()
   again = mmm_cli.run_stages(_smoke(), work)
   out = capsys.readouterr().out
   assert out.count("not run again") == 4
-  assert {s: (work / s / "metrics.json").stat().st_mtime_ns for s in mmm_cli.TRAINED} == stamps
+  assert {s: (work / s / "metrics.json").stat().st_mtime_ns for s in OFFLINE_TRAINED} == stamps
   assert again["final"]["summary"] == results["final"]["summary"]
   config = _smoke()
   config["stages"] = "final"
@@ -130,3 +132,36 @@ def test_an_interrupted_stage_resumes_to_the_same_state(smoke_run, tmp_path, mon
   labels = np.asarray(meta_b["labels"])
   assert labels.ndim == 2 and labels.shape[1] == 2
   np.testing.assert_array_equal(np.asarray(meta_a["labels"]), labels)
+
+
+def test_the_paper_pipeline_trains_one_online_stage(smoke_run, tmp_path, monkeypatch):
+  """`pipeline='paper_online'` (preset smoke_paper): one stage, re-clustered and matched at
+  every epoch start, evaluated; the sampler's labels are the infrared clusters and the visible
+  clusters moved into their label space, as the per-record ids in the state say; the joint
+  memory holds one row per joint cluster."""
+  from maumjax.train import writers
+
+  _, _, cache = smoke_run
+  monkeypatch.setenv("MAUMJAX_CACHE", str(cache))
+  config = _smoke("smoke_paper")
+  assert config["stages"] == "online" and config["mmm"]["pipeline"] == "paper_online"
+  results = mmm_cli.run_stages(config, tmp_path)
+  assert set(results) == {"online"}
+  assert 0.0 <= results["online"]["summary"]["all/single"]["r1"] <= 100.0
+  diag = writers.read_log(tmp_path / "online", "pseudo_labels")
+  assert [r["epoch"] for r in diag] == [0, 1]
+  assert all(r["matched_classes"] >= 1 and 0 <= r["correspondence"] <= 1 for r in diag)
+  assert [r["epoch"] for r in writers.read_log(tmp_path / "online", "gmm")] == [0, 1]
+  ((arrays, meta),) = _final_states(tmp_path / "online")
+  labels = np.asarray(meta["labels"])
+  ids = np.asarray(arrays["method_state"]["ids"])
+  from maumjax.train import inputs
+
+  pipe = inputs.prepare(mmm_cli.stage_config(config, "online", tmp_path))[2]
+  modality = np.asarray(pipe.metadata["modality"])
+  ir = modality == 1
+  np.testing.assert_array_equal(labels[ir], ids[ir, 0])  # infrared labels: their clusters
+  assert labels[~ir].max() <= ids[ir, 0].max()  # visible labels: in the infrared label space
+  np.testing.assert_array_equal(labels[~ir] >= 0, ids[~ir, 0] >= 0)
+  joint = np.asarray(arrays["method_state"]["all"])
+  assert np.count_nonzero(np.any(joint != 0, axis=1)) == ids[:, 1].max() + 1
