@@ -23,8 +23,8 @@ al. (CVPR 2017) as the cluster-contrast family of codes computes it for clusteri
 
 Memory (mmm.md §12): the kNN runs blockwise on the JAX device (no faiss, no N x N distance
 matrix anywhere), V and V' are scipy sparse matrices (a row holds tens to hundreds of entries),
-and the min-sum of step 6 runs over the sparse rows block by block, so the only N x N array on
-the host is the float32 result: at SYSU's joint size (34,167 images) 4.7 GB.
+and the min-sum of step 6 runs over the sparse rows, compiled with numba, so the only N x N
+array on the host is the float32 result: at SYSU's joint size (34,167 images) 4.7 GB.
 
 `pseudo_labels(dist, *, eps, min_samples=4)`: DBSCAN (scikit-learn, precomputed metric),
 -1 = outlier. `init_cluster_memory(feats, labels, *, modality=None)`: L2-normalised cluster
@@ -37,6 +37,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numba
 import numpy as np
 import scipy.sparse as sp
 
@@ -59,42 +60,84 @@ def _check_feats(feats: np.ndarray, modality: np.ndarray | None) -> tuple[np.nda
   return feats, modality
 
 
-@functools.partial(jax.jit, static_argnames=("k",))
-def _knn_block(queries: jax.Array, feats: jax.Array, sq: jax.Array, k: int) -> jax.Array:
-  """Indices [B, k] of the k nearest rows of `feats` for each query, nearest first."""
-  q_sq = jnp.sum(jnp.square(queries), axis=1)
-  d = q_sq[:, None] + sq[None, :] - 2.0 * jnp.matmul(queries, feats.T,
-                                                     precision=jax.lax.Precision.HIGHEST)
-  return jax.lax.top_k(-d, k)[1]
+def _block_dist(qi: jax.Array, sqi: jax.Array, qj: jax.Array, sqj: jax.Array) -> jax.Array:
+  """Squared Euclidean distances [B, B] between two row blocks (padding: sq = inf)."""
+  return sqi[:, None] + sqj[None, :] - 2.0 * jnp.matmul(qi, qj.T,
+                                                        precision=jax.lax.Precision.HIGHEST)
+
+
+def _merge(best_d: jax.Array, best_i: jax.Array, d: jax.Array, offset: jax.Array,
+           k: int) -> tuple[jax.Array, jax.Array]:
+  """The k nearest of a row's running best (earlier column blocks) and a new block's columns.
+
+  The running best comes first, so among equal distances the lower column index wins (the
+  column blocks arrive in increasing order), as in one top-k over the whole row.
+  """
+  kk = min(k, d.shape[1])
+  top_d, top_i = jax.lax.top_k(-d, kk)
+  cand_d = jnp.concatenate([best_d, -top_d], axis=1)
+  cand_i = jnp.concatenate([best_i, top_i + offset], axis=1)
+  _, pick = jax.lax.top_k(-cand_d, k)
+  return (jnp.take_along_axis(cand_d, pick, axis=1),
+          jnp.take_along_axis(cand_i, pick, axis=1))
+
+
+@functools.partial(jax.jit, static_argnames=("k",), donate_argnums=(2, 3))
+def _knn_diagonal(q, sq, best_d, best_i, offset, *, k: int):
+  """Block (i, i): merges its columns into block i's rows."""
+  return _merge(best_d, best_i, _block_dist(q, sq, q, sq), offset, k)
+
+
+@functools.partial(jax.jit, static_argnames=("k",), donate_argnums=(4, 5, 6, 7))
+def _knn_pair(qi, sqi, qj, sqj, bi_d, bi_i, bj_d, bj_i, oi, oj, *, k: int):
+  """Blocks i < j: one distance block serves both, block j's columns for block i's rows and
+  its transpose (block i's columns) for block j's rows."""
+  d = _block_dist(qi, sqi, qj, sqj)
+  bi = _merge(bi_d, bi_i, d, oj, k)
+  bj = _merge(bj_d, bj_i, d.T, oi, k)
+  return bi[0], bi[1], bj[0], bj[1]
 
 
 def knn(feats: np.ndarray, k: int, *, block: int = KNN_BLOCK) -> np.ndarray:
   """Exact k nearest neighbours by squared Euclidean distance, blockwise on the JAX device.
 
+  The distance is symmetric, so each pair of row blocks (i <= j) is computed once and serves
+  both blocks' rows: half the matrix products of a row-by-row search. Each row keeps a running
+  top-k over the column blocks, visited in increasing order, so equal distances rank the lower
+  index first (as a stable sort of the whole row would).
+
   Args:
     feats: [N, D] float32.
     k: neighbours per row (the row itself included), k <= N.
-    block: query rows per device call (the last block is padded, so one compilation).
+    block: rows per block (the last block is padded, so one compilation).
 
   Returns:
     int64 [N, k], nearest first.
   """
   feats = np.asarray(feats, np.float32)
-  n = feats.shape[0]
+  n, dim = feats.shape
   if not 1 <= k <= n:
     raise ValueError(f"k={k} must be in [1, N={n}]")
-  x = jnp.asarray(feats)
-  sq = jnp.sum(jnp.square(x), axis=1)
   block = min(block, n)
-  out = np.empty((n, k), np.int64)
-  for start in range(0, n, block):
-    stop = min(start + block, n)
-    queries = feats[start:stop]
-    if stop - start < block:  # pad to the block size: one compiled shape
-      queries = np.concatenate([queries, np.zeros((block - (stop - start), feats.shape[1]),
-                                                  np.float32)])
-    out[start:stop] = np.asarray(_knn_block(jnp.asarray(queries), x, sq, k))[:stop - start]
-  return out
+  blocks = -(-n // block)
+  padded = np.zeros((blocks * block, dim), np.float32)
+  padded[:n] = feats
+  sq_all = np.sum(np.square(padded.astype(np.float64)), axis=1).astype(np.float32)
+  sq_all[n:] = np.inf  # padding rows are never anyone's neighbour
+  q = [jnp.asarray(padded[b * block:(b + 1) * block]) for b in range(blocks)]
+  sq = [jnp.asarray(sq_all[b * block:(b + 1) * block]) for b in range(blocks)]
+  best = [(jnp.full((block, k), jnp.inf, jnp.float32), jnp.zeros((block, k), jnp.int32))
+          for _ in range(blocks)]
+  offsets = [jnp.int32(b * block) for b in range(blocks)]
+  for i in range(blocks):
+    # Column blocks reach row block i in increasing order: j < i came through the pairs
+    # (j, i) of earlier outer iterations, then (i, i), then (i, j > i).
+    best[i] = _knn_diagonal(q[i], sq[i], *best[i], offsets[i], k=k)
+    for j in range(i + 1, blocks):
+      bi_d, bi_i, bj_d, bj_i = _knn_pair(q[i], sq[i], q[j], sq[j], *best[i], *best[j],
+                                         offsets[i], offsets[j], k=k)
+      best[i], best[j] = (bi_d, bi_i), (bj_d, bj_i)
+  return np.concatenate([np.asarray(b[1]) for b in best])[:n].astype(np.int64)
 
 
 def _reciprocal(rank: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -106,35 +149,69 @@ def _reciprocal(rank: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
   return forward, mask
 
 
+@numba.njit(parallel=True, cache=True)
+def _expansion_kernel(feats, r_idx, r_mask, h_idx, h_mask, cols, vals, lengths):  # pragma: no cover
+  # Compiled by numba (its coverage is not traced). Row i: E(i) (step 3) into cols[i], sorted
+  # and unique, and its softmax weights (step 4) into vals[i]; lengths[i] = |E(i)|.
+  n, c1 = r_idx.shape
+  ch = h_idx.shape[1]
+  for i in numba.prange(n):
+    buf = np.empty(c1 + c1 * ch, np.int64)
+    count = 0
+    for t in range(c1):
+      if r_mask[i, t]:
+        buf[count] = r_idx[i, t]
+        count += 1
+    own = buf[:count].copy()
+    for t in range(c1):
+      if not r_mask[i, t]:
+        continue
+      c = r_idx[i, t]
+      size = 0
+      overlap = 0
+      for s in range(ch):
+        if h_mask[c, s]:
+          size += 1
+          for u in range(own.shape[0]):
+            if own[u] == h_idx[c, s]:
+              overlap += 1
+              break
+      if overlap > 2.0 / 3.0 * size:
+        for s in range(ch):
+          if h_mask[c, s]:
+            buf[count] = h_idx[c, s]
+            count += 1
+    members = np.unique(buf[:count])
+    m = members.shape[0]
+    dist = np.empty(m, np.float32)
+    for u in range(m):
+      dist[u] = 2.0 - 2.0 * np.dot(feats[members[u]], feats[i])
+    top = np.max(-dist)
+    total = 0.0
+    for u in range(m):
+      w = np.exp(-dist[u] - top)
+      vals[i, u] = w
+      total += w
+    for u in range(m):
+      vals[i, u] = vals[i, u] / total
+      cols[i, u] = members[u]
+    lengths[i] = m
+
+
 def _expansion_rows(feats: np.ndarray, rank: np.ndarray, k1: int) -> sp.csr_matrix:
-  """V of step 4 as a CSR matrix [N, N] (float32)."""
+  """V of step 4 as a CSR matrix [N, N] (float32), row by row in parallel (numba)."""
   n = rank.shape[0]
   r_idx, r_mask = _reciprocal(rank, k1)
   h_idx, h_mask = _reciprocal(rank, int(np.around(k1 / 2)))
-  h_size = h_mask.sum(axis=1)  # |R(c, k1/2)|
-  rows, cols, vals = [], [], []
-  for start in range(0, n, MINSUM_BLOCK):
-    stop = min(start + MINSUM_BLOCK, n)
-    ri, rm = r_idx[start:stop], r_mask[start:stop]  # [B, c1]
-    # Candidates c in R(i, k1) and their half-sets R(c, k1/2): [B, c1, ch].
-    cand = ri
-    hi, hm = h_idx[cand], h_mask[cand] & rm[:, :, None]
-    # Overlap |R(c, k1/2) & R(i, k1)| (R(i, k1) holds distinct indices).
-    inside = np.any((hi[..., None] == ri[:, None, None, :]) & rm[:, None, None, :], axis=3)
-    overlap = np.sum(inside & hm, axis=2)
-    accept = rm & (overlap > 2.0 / 3.0 * h_size[cand])  # [B, c1]
-    take = hm & accept[:, :, None]
-    for b in range(stop - start):
-      members = np.unique(np.concatenate([ri[b][rm[b]], hi[b][take[b]]]))
-      i = start + b
-      dist = 2.0 - 2.0 * (feats[members] @ feats[i])
-      logits = -dist - np.max(-dist)
-      weights = np.exp(logits)
-      rows.append(np.full(members.size, i, np.int64))
-      cols.append(members)
-      vals.append((weights / weights.sum()).astype(np.float32))
-  return sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                       shape=(n, n), dtype=np.float32)
+  width = r_idx.shape[1] * (1 + h_idx.shape[1])
+  cols = np.zeros((n, width), np.int64)
+  vals = np.zeros((n, width), np.float32)
+  lengths = np.zeros(n, np.int64)
+  _expansion_kernel(np.ascontiguousarray(feats, np.float32), r_idx, r_mask, h_idx, h_mask,
+                    cols, vals, lengths)
+  used = np.arange(width)[None, :] < lengths[:, None]
+  indptr = np.concatenate([[0], np.cumsum(lengths)])
+  return sp.csr_matrix((vals[used], cols[used], indptr), shape=(n, n), dtype=np.float32)
 
 
 def _query_expansion(v: sp.csr_matrix, rank: np.ndarray, k2: int,
@@ -157,27 +234,42 @@ def _query_expansion(v: sp.csr_matrix, rank: np.ndarray, k2: int,
   return (a @ v).tocsr()
 
 
+@numba.njit(parallel=True, cache=True)
+def _min_sums_rows(indptr, indices, data, col_ptr, col_rows, col_vals, out):  # pragma: no cover
+  # Compiled by numba (its coverage is not traced). Row i of `out` is filled in one place:
+  # zeroed, the min-sums over the rows sharing a column with row i added column by column
+  # (ascending, as a column-major loop would), then mapped to the distance.
+  n = out.shape[0]
+  for i in numba.prange(n):
+    row = out[i]
+    row[:] = 0.0
+    for p in range(indptr[i], indptr[i + 1]):
+      k = indices[p]
+      a = data[p]
+      for q in range(col_ptr[k], col_ptr[k + 1]):
+        j = col_rows[q]
+        b = col_vals[q]
+        row[j] += a if a < b else b
+    for j in range(n):
+      m = row[j]
+      d = 1.0 - m / (2.0 - m)
+      row[j] = d if d > 0.0 else 0.0
+
+
 def _min_sums(v: sp.csr_matrix, out: np.ndarray) -> None:
   """out[i, j] = 1 - m / (2 - m) with m = sum_k min(V[i, k], V[j, k]), clipped at 0.
 
-  Column by column: the rows R_k with V[:, k] != 0 (the inverted index) add the outer minimum
-  of their values to out[R_k x R_k], so the work is sum_k |R_k|^2 (the pairs that share a
-  column) and the only N x N array is `out` itself, used as the accumulator.
+  Row by row (in parallel, compiled with numba): for each column k of row i, the rows R_k with
+  V[:, k] != 0 (the inverted index, V in CSC form) add min(V[i, k], V[R_k, k]) to out[i, R_k].
+  The work is sum_k |R_k|^2 (the pairs that share a column), every write stays inside one
+  output row (cache-friendly), and the only N x N array is `out` itself.
   """
-  n = v.shape[0]
+  v = v.tocsr()
+  v.sort_indices()
   vt = v.tocsc()
   vt.sort_indices()
-  col_ptr, col_rows, col_vals = vt.indptr, vt.indices, vt.data
-  out[...] = 0.0
-  for k in np.flatnonzero(np.diff(col_ptr)):
-    rows = col_rows[col_ptr[k]:col_ptr[k + 1]]
-    vals = col_vals[col_ptr[k]:col_ptr[k + 1]]
-    out[np.ix_(rows, rows)] += np.minimum.outer(vals, vals)
-  for start in range(0, n, MINSUM_BLOCK):  # m -> 1 - m / (2 - m), clipped, in place
-    m = out[start:start + MINSUM_BLOCK]
-    np.divide(m, 2.0 - m, out=m)
-    np.subtract(1.0, m, out=m)
-    np.maximum(m, 0.0, out=m)
+  _min_sums_rows(v.indptr, v.indices, v.data.astype(np.float32), vt.indptr, vt.indices,
+                 vt.data.astype(np.float32), out)
 
 
 def jaccard_distance(feats: np.ndarray, *, k1: int, k2: int,

@@ -86,9 +86,12 @@ def test_modality_aware_expansion_changes_the_distance():
 
 def test_knn_is_blockwise_exact():
   feats, _ = _clustered(3, ids=10, per=9)
-  got = cluster.knn(feats, 7, block=16)  # 90 rows: 6 blocks, the last padded
+  feats[40] = feats[41]  # a tie: the lower index ranks first, as in a stable sort
   sq = ((feats[:, None].astype(np.float64) - feats[None]) ** 2).sum(-1)
-  np.testing.assert_array_equal(got, np.argsort(sq, axis=1, kind="stable")[:, :7])
+  # 90 rows in 6 blocks (the last padded), k above the block size, one block.
+  for block, k in ((16, 7), (4, 7), (128, 11)):
+    got = cluster.knn(feats, k, block=block)
+    np.testing.assert_array_equal(got, np.argsort(sq, axis=1, kind="stable")[:, :k])
 
 
 def test_dbscan_labels_a_hand_made_set():
