@@ -25,7 +25,7 @@ DIR receives `results.jsonl` (one JSON object per measurement, the keys RESULTS.
 than `--min_start_s` of the budget left is recorded as skipped; a child still running at the
 end of the budget is killed and recorded with an error, so the suite ends inside the budget and
 what it measured so far is kept. `--smoke` runs the same sections at CPU sizes (tiny ResNet,
-small images, few steps): the tests use it.
+small images, few steps, one evaluation setting and trial): the tests use it.
 
 On the device machine, which has no network, the packages its image lacks travel as wheels
 (`gpu_wheels.txt`, fetched here once with `--download_wheels=.whl`); RESULTS.md gives the
@@ -160,7 +160,13 @@ def plan(section: str, out_dir: Path, *, smoke: bool, threads: int,
     if smoke:  # the same overrides at CPU size
       args += ["--config.model.arch=tiny", "--config.data.height=32", "--config.data.width=16",
                "--config.model.num_parts=2", "--config.model.part_dim=16",
-               "--config.data.pipeline.num_identities=4", "--config.data.pipeline.num_instances=2"]
+               "--config.data.pipeline.num_identities=4", "--config.data.pipeline.num_instances=2",
+               # A shorter epoch (4 images per camera folder, drawn at 64x32) and one
+               # single-shot all-search trial: the smoke run checks the plumbing, not the rate.
+               "--config.data.synthetic.images_per_camera=4",
+               "--config.data.synthetic.height=64", "--config.data.synthetic.width=32",
+               "--config.eval.trials=1", "--config.eval.modes=('all',)",
+               "--config.eval.shots=(1,)"]
     args.append(f"--workdir={workdir}")
     return [Command(section, _py("experiments.maum", *args),
                     after=lambda out, _stdout: [_trainer_result(workdir, args)])]

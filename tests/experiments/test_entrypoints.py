@@ -21,8 +21,9 @@ def _run(args: list[str], cache: Path) -> str:
 
 def test_maum_trains_and_evaluate_restores_the_run(tmp_path):
   workdir = tmp_path / "run"
+  # One epoch (suite time): training, the checkpoint and its restore are what is checked.
   out = _run(["experiments.maum", "--config=experiments/configs/maum.py:smoke",
-              f"--workdir={workdir}"], tmp_path)
+              "--config.num_epochs=1", f"--workdir={workdir}"], tmp_path)
   assert f"workdir: {workdir}" in out and "all/single" in out and "indoor/multi" in out
   saved = json.loads((workdir / "metrics.json").read_text())
   assert saved["run"]["synthetic_data"] and saved["run"]["steps"] > 0
