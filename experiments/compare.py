@@ -1,0 +1,270 @@
+"""Compare the methods: `python -m experiments.compare [--config=...:PRESET] [--workdir=D]`.
+
+Trains each method's key row and its baseline row (`--config.rows.<method>`) for every
+infrared fraction (`--config.imbalance`) and seed (`--config.seeds`) on the same data and
+evaluates every run with the same protocol (`--config.eval.*`), one run per folder:
+
+  <workdir>/runs/<method>_<row>/imb<fraction>/seed<s>/   the method's own run (MMM: its stages)
+      compare_run.json                                  what the run is, where its result is
+      metrics.json  (MMM: <last trained stage>/metrics.json)
+      metrics_<sampler>.json                            re-evaluation with a further sampler
+  <workdir>/report/   report.json, report.md, cmc_<setting>.png, map_bars.png, ranked.png,
+                      imbalance.png (with more than one fraction)
+
+Each run is an ordinary run of `python -m experiments.<method>` (MMM: `experiments.mmm`'s
+stages) with the method's preset `<budget>_<row>`, `seed` and `data.pipeline.seed` set to the
+seed, `data.pipeline.imbalance_fraction` to the fraction and the `eval` section to the shared
+protocol. A run whose result exists is not trained again ("done earlier"), and an interrupted
+one resumes from its last checkpoint, so the same command continues a comparison. The report
+is a function of the run folders alone: `compare_report.write_report(workdir)` re-makes it.
+Presets and fields: experiments/configs/compare.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from experiments import cli
+from experiments import launch
+from experiments import mmm as mmm_driver
+from experiments.configs import bdf as bdf_configs
+from experiments.configs import maum as maum_configs
+from experiments.configs import mmm as mmm_configs
+from experiments.configs import mpanet as mpanet_configs
+from maumjax.errors import UserError
+
+CONFIGS = {"maum": maum_configs, "mpanet": mpanet_configs, "bdf": bdf_configs,
+           "mmm": mmm_configs}
+SAMPLERS = ("agw", "official")  # maumjax.eval.gallery.SAMPLINGS (that module imports scipy)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One training run of the comparison: a method's row at one fraction and seed."""
+
+  method: str
+  row: str
+  imbalance: float
+  seed: int
+  config: Any  # the method's ConfigDict, ready to train
+  order: tuple[int, int]  # (method, row) position in the comparison, for the report
+
+  def folder(self, workdir: Path) -> Path:
+    return workdir / "runs" / f"{self.method}_{self.row}" / f"imb{self.imbalance!r}" / \
+        f"seed{self.seed}"
+
+  def stages(self) -> list[str]:
+    """MMM: the row's trained stages (the last one is the result); others: []."""
+    if self.method != "mmm":
+      return []
+    return [s for s in mmm_driver.parse_stages(self.config.stages) if s in mmm_driver.TRAINED]
+
+  def record(self) -> dict[str, Any]:
+    """compare_run.json: what `compare_report` needs to read the run folder."""
+    stages = self.stages()
+    return {"method": self.method, "row": self.row, "imbalance": self.imbalance,
+            "seed": self.seed, "order": list(self.order), "preset": self.config.preset,
+            "stages": stages,
+            "result": f"{stages[-1]}/metrics.json" if stages else "metrics.json"}
+
+
+def _items(text: str, field: str) -> list[str]:
+  items = [s.strip() for s in str(text).split(",") if s.strip()]
+  if not items:
+    raise UserError(f"config.{field}={text!r} is empty; give a comma-separated list")
+  return items
+
+
+def _numbers(text: str, field: str, kind: type) -> list:
+  try:
+    return [kind(s) for s in _items(text, field)]
+  except ValueError:
+    raise UserError(f"config.{field}={text!r}: expected comma-separated {kind.__name__}s, "
+                    f"e.g. '0,1,2'") from None
+
+
+def _leaves(config, prefix: str = ""):
+  for key, value in config.items():
+    if hasattr(value, "items"):
+      yield from _leaves(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
+def method_config(method: str, budget: str, row: str):
+  """The method's config of preset `<budget>_<row>`.
+
+  A budget without rows (the `smoke` presets of MAUM, MPANet and BDF) gets the budget's preset
+  plus what the row changes in the synthetic presets (synthetic_<row> against synthetic).
+  """
+  module = CONFIGS[method]
+  try:
+    return module.get_config(f"{budget}_{row}")
+  except ValueError:
+    pass
+  try:
+    config = module.get_config(budget)
+  except ValueError:
+    raise UserError(f"config.budget={budget!r} is not a preset of experiments/configs/"
+                    f"{method}.py; use synthetic, smoke, sysu or regdb") from None
+  default = dict(_leaves(module.get_config("synthetic")))
+  for key, value in _leaves(module.get_config(f"synthetic_{row}")):
+    if key != "preset" and default.get(key) != value:
+      *path, last = key.split(".")
+      node = config
+      for part in path:
+        node = node[part]
+      node[last] = value
+  return config
+
+
+def plan(config) -> list[Run]:
+  """Every run of the comparison, checked (methods, rows, seeds, fractions), nothing trained.
+
+  Raises:
+    UserError: an unknown method or row (the message lists the valid ones), an empty or
+      malformed list, a fraction outside (0, 1], an unknown budget or sampler.
+  """
+  methods = _items(config.methods, "methods")
+  unknown = [m for m in methods if m not in CONFIGS]
+  if unknown:
+    raise UserError(f"config.methods={config.methods!r}: unknown method(s) "
+                    f"{', '.join(unknown)}; the methods are {', '.join(CONFIGS)}")
+  seeds = _numbers(config.seeds, "seeds", int)
+  fractions = _numbers(config.imbalance, "imbalance", float)
+  bad = [f for f in fractions if not 0.0 < f <= 1.0]
+  if bad:
+    raise UserError(f"config.imbalance={config.imbalance!r}: infrared fractions must be in "
+                    f"(0, 1] (1.0 = balanced); got {bad}")
+  samplers = _items(config.eval.samplers, "eval.samplers")
+  if any(s not in SAMPLERS for s in samplers):
+    raise UserError(f"config.eval.samplers={config.eval.samplers!r}: the SYSU-MM01 gallery "
+                    f"samplers are {', '.join(SAMPLERS)}")
+  runs = []
+  for i, method in enumerate(methods):
+    rows = _items(config.rows[method], f"rows.{method}")
+    bad = [r for r in rows if r not in CONFIGS[method].ROWS]
+    if bad:
+      raise UserError(f"config.rows.{method}={config.rows[method]!r}: unknown row(s) "
+                      f"{', '.join(bad)}; {method}'s rows are "
+                      f"{', '.join(CONFIGS[method].ROWS)}")
+    for j, row in enumerate(rows if config.baselines else rows[:1]):
+      for fraction in fractions:
+        for seed in seeds:
+          c = method_config(method, config.budget, row)
+          c.seed = seed
+          c.data.pipeline.update(seed=seed, imbalance_fraction=fraction)
+          if config.data.manual_dir:
+            c.data.manual_dir = config.data.manual_dir
+          if config.pretrained:
+            c.model.pretrained = config.pretrained
+          c.eval.update(trials=config.eval.trials, modes=tuple(config.eval.modes),
+                        shots=tuple(config.eval.shots), sampling=samplers[0],
+                        num_ranked=config.eval.num_ranked)
+          runs.append(Run(method, row, fraction, seed, c, (i, j)))
+  return runs
+
+
+def extra_samplers(config, runs: list[Run]) -> list[str]:
+  """The samplers after the first, for the data at hand: none on RegDB (no gallery draw);
+  'official' needs `<SYSU-MM01>/exp/rand_perm_cam.mat` (the synthetic data has none).
+
+  Raises:
+    UserError: 'official' asked for on real SYSU-MM01 data without the permutation file.
+  """
+  extra = _items(config.eval.samplers, "eval.samplers")[1:]
+  if not extra or runs[0].config.data.name != "sysu_mm01":
+    return []
+  if "official" in extra:
+    if not config.data.manual_dir:
+      print("eval.samplers: 'official' skipped, the synthetic data has no rand_perm_cam.mat")
+      return [s for s in extra if s != "official"]
+    from maumjax.data import layouts
+    from maumjax.eval import gallery
+
+    perm = layouts.find_sysu_root(config.data.manual_dir) / "exp" / gallery.PERM_FILE_NAME
+    if not perm.is_file():
+      raise UserError(f"config.eval.samplers={config.eval.samplers!r} needs {perm} for the "
+                      "official sampler; copy it from the official repository's "
+                      "evaluation/data_split/, or set --config.eval.samplers=agw")
+  return extra
+
+
+def run_all(config, workdir: str | Path) -> dict[str, Any]:
+  """Trains every run that has no result yet, re-evaluates with the further samplers and
+  writes the report; returns `compare_report.write_report`'s summary."""
+  from experiments import compare_report  # matplotlib: after the command line is checked
+
+  runs = plan(config)
+  workdir = Path(workdir).absolute()
+  for run in runs:  # every config is checked before anything trains
+    if run.method == "mmm":
+      mmm_driver.check_pipeline(run.config, mmm_driver.parse_stages(run.config.stages))
+    launch._check(run.method, run.config, str(run.folder(workdir)), ())  # noqa: SLF001
+  samplers = extra_samplers(config, runs)
+  for run in runs:
+    folder = run.folder(workdir)
+    record = run.record()
+    result = folder / record["result"]
+    name = f"{run.method}/{run.row} imb{run.imbalance!r} seed{run.seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / compare_report.RUN_FILE).write_text(json.dumps(record, indent=1))
+    if result.is_file():
+      print(f"{name}: done earlier ({result})")
+    else:
+      print(f"{name}: training in {folder}")
+      if run.method == "mmm":
+        mmm_driver.run_stages(run.config, folder)
+      else:
+        launch.run(run.method, run.config, str(folder))
+    for sampler in samplers:
+      out = result.parent / f"metrics_{sampler}.json"
+      if not out.is_file():
+        from maumjax.train import evaluation
+
+        print(f"{name}: evaluating again with the {sampler} gallery sampler")
+        again = evaluation.evaluate_workdir(result.parent, overrides={"sampling": sampler})
+        out.write_text(json.dumps(again, indent=1))
+  return compare_report.write_report(workdir)
+
+
+def main() -> None:
+  default = str(launch.CONFIG_DIR / "compare.py")
+  config_file = cli.load_config("config", default)
+  config_flag = config_flags.DEFINE_config_file(
+      "config", default, "Config file and preset, FILE[:PRESET]; --config.<field>=VALUE "
+      "overrides a field (--help lists the presets and fields).", lock_config=True)
+  workdir_flag = flags.DEFINE_string(
+      "workdir", "", "Comparison folder (runs/, report/); default: a new folder under "
+      "<cache>/runs/. Started again with the same workdir, finished runs are not retrained.")
+
+  def _main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}; flags are --name=value")
+    logging.set_verbosity(logging.WARNING)
+    config = config_flag.value
+    plan(config)  # the user's mistakes first, before JAX is imported
+    from maumjax import compilation_cache
+    from maumjax.data import prepare
+
+    compilation_cache.enable()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    workdir = workdir_flag.value or str(
+        prepare.cache_root() / "runs" / f"compare-{config.preset}-{stamp}")
+    print(f"workdir: {workdir}")
+    report = run_all(config, workdir)
+    print(report["table"])
+    print(f"report: {report['dir']}")
+
+  cli.run(_main, config=config_file)
+
+
+if __name__ == "__main__":
+  main()

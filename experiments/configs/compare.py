@@ -1,0 +1,70 @@
+"""Compare configs: `python -m experiments.compare --config=experiments/configs/compare.py:PRESET`.
+
+Trains every method's key row and its baseline row on the same data, seeds and evaluation
+protocol, then writes one report (experiments/compare.py has the layout). Presets:
+
+  synthetic (default)  each method's `synthetic_<row>` preset (the CPU demos, 1.5-7 minutes a
+                       run on the 2-core VM: about 25 minutes a seed for the 8 rows, 70 for
+                       the default 3 seeds, estimated from the README's per-run times), the
+                       full SYSU-MM01 protocol (10 trials, all/indoor x single/multi-shot).
+  smoke                each method's `smoke` preset, one seed, one trial of all-search
+                       single-shot (tests and quick checks).
+
+Fields:
+
+  methods     comma-separated, from maum, mpanet, bdf, mmm.
+  rows.<m>    the rows of method m, its key row first, then its baseline row; any of the rows
+              of experiments/configs/<m>.py (ROWS). MMM's runs its row's stages; its result
+              is the last trained stage.
+  baselines   False: only the first row of each method.
+  seeds       comma-separated; each sets `seed` and `data.pipeline.seed`.
+  budget      the data part of the per-method presets, `<budget>_<row>`: synthetic, smoke,
+              sysu or regdb (the real-data recipes; GPU jobs).
+  imbalance   comma-separated infrared fractions (`data.pipeline.imbalance_fraction`, in
+              (0, 1]; 1.0 = balanced).
+  data.manual_dir, pretrained
+              '' = the built-in synthetic data / no ImageNet weights; otherwise passed to
+              every method as `--config.data.manual_dir` / `--config.model.pretrained`.
+  eval.*      the protocol every run is evaluated with: trials, modes, shots, num_ranked
+              (queries on the ranked-list sheets) and samplers, the SYSU-MM01 gallery samplers:
+              the first one is the runs' own evaluation (metrics.json), each further one a
+              re-evaluation of the saved model (metrics_<sampler>.json; 'official' needs
+              `<SYSU-MM01>/exp/rand_perm_cam.mat` and is skipped on the synthetic data, which
+              has none).
+
+Real data, e.g.:
+  python -m experiments.compare --config.budget=sysu --config.data.manual_dir=/data/sysu \\
+      --config.pretrained=/weights/resnet50-0676ba61.pth --workdir=runs/compare_sysu
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+PRESETS = ("synthetic", "smoke")
+# Each method's key row and its baseline row (the rows of experiments/configs/<method>.py).
+ROWS = {"maum": "maum,baseline", "mpanet": "mpanet,baseline", "bdf": "full,base",
+        "mmm": "full,cmc"}
+
+
+def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
+  preset = preset or "synthetic"
+  if preset not in PRESETS:
+    raise ValueError(f"unknown compare preset {preset!r}; presets: {', '.join(PRESETS)}")
+  config = ml_collections.ConfigDict()
+  config.preset = preset
+  config.methods = ",".join(ROWS)
+  config.rows = dict(ROWS)
+  config.baselines = True
+  config.seeds = "0,1,2"
+  config.budget = "synthetic"
+  config.imbalance = "1.0"
+  config.data = {"manual_dir": ""}
+  config.pretrained = ""
+  config.eval = {"trials": 10, "modes": ("all", "indoor"), "shots": (1, 10),
+                 "samplers": "agw,official", "num_ranked": 5}
+  if preset == "smoke":
+    config.budget = "smoke"
+    config.seeds = "0"
+    config.eval.update(trials=1, modes=("all",), shots=(1,))
+  return config

@@ -1,0 +1,161 @@
+"""experiments.compare: a tiny comparison end to end, its report against the runs' own files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experiments import compare
+from experiments import compare_report
+from experiments.configs import compare as compare_configs
+from maumjax.errors import UserError
+
+REPO = Path(__file__).resolve().parents[2]
+# The two cheapest runs that still take both paths of the driver: MAUM's key row (an
+# experiments.launch run) and MMM's CMC-only row (stages 1 and 2 through experiments.mmm).
+OVERRIDES = {"methods": "maum,mmm", "baselines": False, "rows.mmm": "cmc"}
+RESULTS = {"maum_maum": "metrics.json", "mmm_cmc": "stage2/metrics.json"}
+METRICS = ("r1", "r5", "r10", "r20", "mAP", "mINP")
+
+
+def _config():
+  config = compare_configs.get_config("smoke")  # one seed, 1 trial of all-search single-shot
+  config.methods, config.baselines, config.rows.mmm = "maum,mmm", False, "cmc"
+  return config
+
+
+def _hand_run(seed: int, r1: float, mAP: float, seconds: float, row: str = "maum") -> dict:
+  values = {k: 0.0 for k in METRICS} | {"r1": r1, "mAP": mAP}
+  return {"method": "maum", "row": row, "imbalance": 1.0, "seed": seed, "order": [0, 0],
+          "train_seconds": seconds, "train_images_per_s": None, "params": 7,
+          "evaluations": {"agw": {"summary": {"all/single": values},
+                                  "protocol": {"feature_dim": 4}}}}
+
+
+def test_mean_and_std_over_seeds_by_hand():
+  runs = [_hand_run(0, 10.0, 1.0, 100.0), _hand_run(1, 20.0, 2.0, 100.0),
+          _hand_run(2, 30.0, 4.0, 100.0), _hand_run(0, 5.0, 3.0, 50.0, row="baseline")]
+  rows = {r["row"]: r for r in compare_report.aggregate(runs)}
+  full, single = rows["maum"], rows["baseline"]
+  assert full["seeds"] == [0, 1, 2]
+  # R1 10, 20, 30: mean 20; deviations -10, 0, 10 -> sample variance (100 + 0 + 100) / 2 = 100.
+  np.testing.assert_allclose([full["mean"]["r1"], full["std"]["r1"]], [20.0, 10.0])
+  # mAP 1, 2, 4: mean 7/3; deviations -4/3, -1/3, 5/3 -> (16 + 1 + 25) / 9 / 2 = 7/3.
+  np.testing.assert_allclose([full["mean"]["mAP"], full["std"]["mAP"]],
+                             [7 / 3, np.sqrt(7 / 3)])
+  assert full["train_seconds"] == {"mean": 100.0, "std": 0.0}
+  assert full["train_images_per_s"] == {"mean": None, "std": None}
+  # One seed: the value itself, no spread.
+  assert single["mean"]["r1"] == 5.0 and single["std"]["r1"] is None
+  assert compare_report._pm(20.0, 10.0) == "20.0 ± 10.0"  # noqa: SLF001
+  assert compare_report._pm(5.0, None) == "5.0"  # noqa: SLF001
+
+
+def test_unknown_methods_and_rows_name_the_valid_ones():
+  config = _config()
+  config.methods = "maum,agw"
+  with pytest.raises(UserError, match="unknown method.*agw.*maum, mpanet, bdf, mmm"):
+    compare.plan(config)
+  config = _config()
+  config.rows.mmm = "full,nope"
+  with pytest.raises(UserError, match="unknown row.*nope.*full, cmc, mmlm"):
+    compare.plan(config)
+
+
+def test_the_official_sampler_is_skipped_on_the_synthetic_data(capsys):
+  config = _config()
+  config.eval.samplers = "agw,official"
+  assert compare.extra_samplers(config, compare.plan(config)) == []
+  assert "'official' skipped" in capsys.readouterr().out
+
+
+def test_a_row_applies_to_a_budget_without_rows():
+  """MAUM's smoke preset has no rows: `smoke` plus what synthetic_baseline changes."""
+  config = compare.method_config("maum", "smoke", "baseline")
+  assert (config.data.height, config.num_epochs) == (32, 2)  # still the smoke preset
+  assert config.loss.shared_proxy and not config.loss.ms_proxy and config.loss.memory_size == 0
+  assert compare.method_config("maum", "smoke", "maum").loss.memory_size == 2  # smoke's own
+  assert compare.method_config("mmm", "smoke", "cmc").stages == "stage1,stage2"
+
+
+def test_compare_trains_reports_and_retrains_nothing(tmp_path, monkeypatch, capsys):
+  cache, work = tmp_path / "cache", tmp_path / "work"
+  monkeypatch.setenv("MAUMJAX_CACHE", str(cache))
+  method_config = compare.method_config
+
+  def shorter(method, budget, row):  # suite time: one epoch per run (MMM: per stage)
+    config = method_config(method, budget, row)
+    if method == "maum":
+      config.num_epochs = 1
+      config.data.pipeline.steps_per_epoch = 4
+    else:
+      config.stage1.num_epochs = config.stage2.num_epochs = 1
+    return config
+
+  monkeypatch.setattr(compare, "method_config", shorter)
+  compare.run_all(_config(), work)
+  assert capsys.readouterr().out.count(" seed0: training in ") == 2
+
+  results = {name: json.loads((work / "runs" / name / "imb1.0" / "seed0" / path).read_text())
+             for name, path in RESULTS.items()}
+  report = json.loads((work / "report" / "report.json").read_text())
+  by_name = {f"{r['method']}_{r['row']}": r for r in report["runs"]}
+  assert sorted(by_name) == sorted(RESULTS)
+  stage1 = json.loads((work / "runs/mmm_cmc/imb1.0/seed0/stage1/metrics.json").read_text())
+  for name, metrics in results.items():
+    run = by_name[name]
+    assert run["evaluations"]["agw"]["summary"] == metrics["summary"]
+    assert run["train_images_per_s"] == metrics["run"]["train_images_per_s"]
+    assert isinstance(run["params"], int) and run["params"] > 0
+    protocol = run["evaluations"]["agw"]["protocol"]
+    assert (protocol["dataset"], protocol["settings"], protocol["sampler"], protocol["trials"],
+            protocol["flip"], protocol["selection"]) == (
+                "sysu_mm01", ["all/single"], "agw", 1, False, "last")
+  assert by_name["maum_maum"]["train_seconds"] == results["maum_maum"]["run"]["train_seconds"]
+  assert by_name["mmm_cmc"]["train_seconds"] == pytest.approx(
+      stage1["run"]["train_seconds"] + results["mmm_cmc"]["run"]["train_seconds"])
+
+  # One seed: each aggregate is the run's own number, without a spread, and report.md shows it.
+  table = (work / "report" / "report.md").read_text()
+  for agg in report["aggregates"]:
+    own = results[f"{agg['method']}_{agg['row']}"]["summary"][agg["setting"]]
+    assert agg["mean"] == pytest.approx(own) and set(agg["std"].values()) == {None}
+    cells = " | ".join(f"{own[k]:.1f}" for k in METRICS)
+    assert f"| {agg['method']} / {agg['row']} | {agg['setting']} | 1 | {cells} |" in table
+  assert "Protocol: sysu_mm01" in table and "gallery sampler(s) agw" in table
+  for png in ("cmc_all-single.png", "map_bars.png", "ranked.png"):
+    assert (work / "report" / png).stat().st_size > 0, png
+  assert not (work / "report" / "imbalance.png").exists()  # one fraction
+  assert report["ranked"]["same_queries"] is True
+
+  # Again from the command line: nothing trains, the report is made again.
+  stamps = {p: p.stat().st_mtime_ns for p in work.glob("runs/**/metrics.json")}
+  (work / "report" / "report.json").unlink()
+  env = {**os.environ, "MAUMJAX_CACHE": str(cache), "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.compare", "--config=experiments/configs/compare.py:smoke",
+       *(f"--config.{k}={v}" for k, v in OVERRIDES.items()), f"--workdir={work}"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.count(" seed0: done earlier") == 2 and "training in" not in proc.stdout
+  assert {p: p.stat().st_mtime_ns for p in work.glob("runs/**/metrics.json")} == stamps
+  again = json.loads((work / "report" / "report.json").read_text())
+  assert again["aggregates"] == report["aggregates"]
+
+  # A re-evaluation with a further sampler (metrics_<sampler>.json) is a section of its own.
+  run_dir = work / "runs" / "maum_maum" / "imb1.0" / "seed0"
+  other = json.loads((run_dir / "metrics.json").read_text())
+  other["protocol"]["sampler"] = "official"
+  other["summary"]["all/single"]["r1"] = 99.0
+  del other["run"]
+  (run_dir / "metrics_official.json").write_text(json.dumps(other))
+  table = compare_report.write_report(work)["table"]
+  assert "## Infrared fraction 1.0, gallery sampler official" in table
+  assert "| maum / maum | all/single | 1 | 99.0 |" in table
+  assert "gallery sampler(s) agw, official" in table
