@@ -149,7 +149,16 @@ def _reciprocal(rank: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
   return forward, mask
 
 
-@numba.njit(parallel=True, cache=True)
+def _compiled(kernel):
+  """(serial, parallel) numba compilations of `kernel` (its `numba.prange` loops run in order
+  in the serial one). Compiling the parallel one takes several seconds, so inputs below
+  `PARALLEL_ROWS` rows (tests, small datasets) use the serial one; both are cached on disk."""
+  return (numba.njit(cache=True)(kernel), numba.njit(parallel=True, cache=True)(kernel))
+
+
+PARALLEL_ROWS = 4096
+
+
 def _expansion_kernel(feats, r_idx, r_mask, h_idx, h_mask, cols, vals, lengths):  # pragma: no cover
   # Compiled by numba (its coverage is not traced). Row i: E(i) (step 3) into cols[i], sorted
   # and unique, and its softmax weights (step 4) into vals[i]; lengths[i] = |E(i)|.
@@ -198,6 +207,9 @@ def _expansion_kernel(feats, r_idx, r_mask, h_idx, h_mask, cols, vals, lengths):
     lengths[i] = m
 
 
+_EXPANSION = _compiled(_expansion_kernel)
+
+
 def _expansion_rows(feats: np.ndarray, rank: np.ndarray, k1: int) -> sp.csr_matrix:
   """V of step 4 as a CSR matrix [N, N] (float32), row by row in parallel (numba)."""
   n = rank.shape[0]
@@ -207,8 +219,9 @@ def _expansion_rows(feats: np.ndarray, rank: np.ndarray, k1: int) -> sp.csr_matr
   cols = np.zeros((n, width), np.int64)
   vals = np.zeros((n, width), np.float32)
   lengths = np.zeros(n, np.int64)
-  _expansion_kernel(np.ascontiguousarray(feats, np.float32), r_idx, r_mask, h_idx, h_mask,
-                    cols, vals, lengths)
+  kernel = _EXPANSION[n >= PARALLEL_ROWS]
+  kernel(np.ascontiguousarray(feats, np.float32), r_idx, r_mask, h_idx, h_mask, cols, vals,
+         lengths)
   used = np.arange(width)[None, :] < lengths[:, None]
   indptr = np.concatenate([[0], np.cumsum(lengths)])
   return sp.csr_matrix((vals[used], cols[used], indptr), shape=(n, n), dtype=np.float32)
@@ -234,7 +247,6 @@ def _query_expansion(v: sp.csr_matrix, rank: np.ndarray, k2: int,
   return (a @ v).tocsr()
 
 
-@numba.njit(parallel=True, cache=True)
 def _min_sums_rows(indptr, indices, data, col_ptr, col_rows, col_vals, out):  # pragma: no cover
   # Compiled by numba (its coverage is not traced). Row i of `out` is filled in one place:
   # zeroed, the min-sums over the rows sharing a column with row i added column by column
@@ -256,6 +268,9 @@ def _min_sums_rows(indptr, indices, data, col_ptr, col_rows, col_vals, out):  # 
       row[j] = d if d > 0.0 else 0.0
 
 
+_MIN_SUMS = _compiled(_min_sums_rows)
+
+
 def _min_sums(v: sp.csr_matrix, out: np.ndarray) -> None:
   """out[i, j] = 1 - m / (2 - m) with m = sum_k min(V[i, k], V[j, k]), clipped at 0.
 
@@ -268,8 +283,9 @@ def _min_sums(v: sp.csr_matrix, out: np.ndarray) -> None:
   v.sort_indices()
   vt = v.tocsc()
   vt.sort_indices()
-  _min_sums_rows(v.indptr, v.indices, v.data.astype(np.float32), vt.indptr, vt.indices,
-                 vt.data.astype(np.float32), out)
+  kernel = _MIN_SUMS[v.shape[0] >= PARALLEL_ROWS]
+  kernel(v.indptr, v.indices, v.data.astype(np.float32), vt.indptr, vt.indices,
+         vt.data.astype(np.float32), out)
 
 
 def jaccard_distance(feats: np.ndarray, *, k1: int, k2: int,

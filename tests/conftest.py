@@ -43,7 +43,7 @@ LONGEST_FIRST = (
     "tests/train/test_parallel.py",  # 62 s
     "tests/methods/test_bdf.py",  # 57 s
     "tests/train/test_method_api.py",  # 51 s
-    "tests/experiments/test_compare.py",  # 40-63 s
+    "tests/experiments/test_compare.py",  # 25-45 s
     "tests/methods/test_mmm_online.py",
 )
 

@@ -198,3 +198,14 @@ def test_sparse_handover_gives_dense_dbscan_labels():
   for eps in (0.4, 0.6, 0.8):
     want = DBSCAN(eps=eps, min_samples=4, metric="precomputed").fit_predict(jac)
     np.testing.assert_array_equal(cluster.pseudo_labels(jac, eps=eps), want)
+
+
+def test_the_parallel_kernels_equal_the_serial_ones(monkeypatch):
+  """Large inputs use numba's parallel compilations (row loops split over threads); they give
+  the same distances as the serial ones the other tests run."""
+  feats, modality = _clustered(5, ids=12, per=8)
+  modality = np.arange(len(feats)) % 2 == 1
+  serial = cluster.jaccard_distance(feats, k1=12, k2=6, modality=modality)
+  monkeypatch.setattr(cluster, "PARALLEL_ROWS", 1)
+  parallel = cluster.jaccard_distance(feats, k1=12, k2=6, modality=modality)
+  np.testing.assert_array_equal(parallel, serial)
