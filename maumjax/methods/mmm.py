@@ -704,6 +704,25 @@ def cluster_modalities(feats: np.ndarray, is_ir: np.ndarray, cfg: MMMConfig):
   return out[0], out[1]
 
 
+def _modality_memories(feats, is_ir, lab_rgb, lab_ir, cfg: MMMConfig) -> dict[str, jax.Array]:
+  """The visible and infrared memories {'rgb', 'ir'} from their clusters' means."""
+  return {"rgb": _pad_memory(cluster_lib.init_cluster_memory(feats[~is_ir], lab_rgb),
+                             cfg.max_clusters, "visible"),
+          "ir": _pad_memory(cluster_lib.init_cluster_memory(feats[is_ir], lab_ir),
+                            cfg.max_clusters, "infrared")}
+
+
+def _joint_clusters(feats, is_ir, cfg: MMMConfig):
+  """The joint (modality-aware) clustering: (labels [N], its modality-balanced memory)."""
+  dist = cluster_lib.jaccard_distance(feats, k1=cfg.joint_k1, k2=cfg.joint_k2, modality=is_ir)
+  labels = _checked_labels(
+      cluster_lib.pseudo_labels(dist, eps=cfg.eps, min_samples=cfg.min_samples), "joint", cfg)
+  del dist
+  memory = _pad_memory(cluster_lib.init_cluster_memory(feats, labels, modality=is_ir),
+                       cfg.max_clusters, "joint")
+  return labels, memory
+
+
 def _diagnostics(data: api.EpochData, kept: np.ndarray, is_ir: np.ndarray, rgb: np.ndarray,
                  ir: np.ndarray, *, joint: bool) -> dict[str, float]:
   """Agreement of the pseudo-labels with the ground truth (reporting only)."""
@@ -730,23 +749,13 @@ def _recluster(setup: api.Setup, state, epoch: int, data: api.EpochData):
   per_modality[kept[~is_ir]] = lab_rgb
   per_modality[kept[is_ir]] = lab_ir
   mem = dict(state.method_state)
-  mem["rgb"] = _pad_memory(cluster_lib.init_cluster_memory(feats[~is_ir], lab_rgb),
-                           cfg.max_clusters, "visible")
-  mem["ir"] = _pad_memory(cluster_lib.init_cluster_memory(feats[is_ir], lab_ir),
-                          cfg.max_clusters, "infrared")
+  mem.update(_modality_memories(feats, is_ir, lab_rgb, lab_ir, cfg))
   logged = {}
   if cfg.diagnostics:
     logged = _diagnostics(data, kept, is_ir, lab_rgb, lab_ir, joint=False)
   labels = per_modality
   if cfg.stage == "stage2":
-    dist = cluster_lib.jaccard_distance(feats, k1=cfg.joint_k1, k2=cfg.joint_k2,
-                                        modality=is_ir)
-    lab_all = _checked_labels(
-        cluster_lib.pseudo_labels(dist, eps=cfg.eps, min_samples=cfg.min_samples), "joint",
-        cfg)
-    del dist
-    mem["all"] = _pad_memory(cluster_lib.init_cluster_memory(feats, lab_all, modality=is_ir),
-                             cfg.max_clusters, "joint")
+    lab_all, mem["all"] = _joint_clusters(feats, is_ir, cfg)
     # Only the joint clusters that hold both modalities make the joint step's batches (§5.2
     # step 8); the memory keeps every joint cluster.
     both = np.intersect1d(lab_all[~is_ir], lab_all[is_ir])
@@ -961,16 +970,8 @@ def _online_epoch(setup: api.Setup, state, epoch: int, data: api.EpochData):
   feats = _flip_average(out)
   lab_rgb, lab_ir = cluster_modalities(feats, is_ir, cfg)
   mem = dict(state.method_state)
-  mem["rgb"] = _pad_memory(cluster_lib.init_cluster_memory(feats[~is_ir], lab_rgb),
-                           cfg.max_clusters, "visible")
-  mem["ir"] = _pad_memory(cluster_lib.init_cluster_memory(feats[is_ir], lab_ir),
-                          cfg.max_clusters, "infrared")
-  dist = cluster_lib.jaccard_distance(feats, k1=cfg.joint_k1, k2=cfg.joint_k2, modality=is_ir)
-  lab_all = _checked_labels(
-      cluster_lib.pseudo_labels(dist, eps=cfg.eps, min_samples=cfg.min_samples), "joint", cfg)
-  del dist
-  mem["all"] = _pad_memory(cluster_lib.init_cluster_memory(feats, lab_all, modality=is_ir),
-                           cfg.max_clusters, "joint")
+  mem.update(_modality_memories(feats, is_ir, lab_rgb, lab_ir, cfg))
+  lab_all, mem["all"] = _joint_clusters(feats, is_ir, cfg)
   moved = match_modalities(feats, is_ir, lab_rgb, lab_ir, matching=cfg.matching,
                            cost_sum_over=cfg.cost_sum_over, unmatched=cfg.unmatched,
                            off_by_one=cfg.off_by_one, sub_memories=cfg.sub_memories)
