@@ -15,7 +15,9 @@ Each run is an ordinary run of `python -m experiments.<method>` (MMM: `experimen
 stages) with the method's preset `<budget>_<row>`, `seed` and `data.pipeline.seed` set to the
 seed, `data.pipeline.imbalance_fraction` to the fraction and the `eval` section to the shared
 protocol. A run whose result exists is not trained again ("done earlier"), and an interrupted
-one resumes from its last checkpoint, so the same command continues a comparison. The report
+one resumes from its last checkpoint, so the same command continues a comparison. An MMM row
+whose stages another row trains with the same config (the CMC row: the full row's stages 1-2)
+links them (`shared_stages`) instead of training them again. The report
 is a function of the run folders alone: `compare_report.write_report(workdir)` re-makes it.
 Presets and fields: experiments/configs/compare.py.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,8 @@ from maumjax.errors import UserError
 CONFIGS = {"maum": maum_configs, "mpanet": mpanet_configs, "bdf": bdf_configs,
            "mmm": mmm_configs}
 SAMPLERS = ("agw", "official")  # maumjax.eval.gallery.SAMPLINGS (that module imports scipy)
+# `pretrained` value: a backbone per arch pretrained by experiments.pretrain in the workdir.
+SYNTHETIC_BACKBONE = "synthetic"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +168,7 @@ def plan(config) -> list[Run]:
           c.data.pipeline.update(seed=seed, imbalance_fraction=fraction)
           if config.data.manual_dir:
             c.data.manual_dir = config.data.manual_dir
-          if config.pretrained:
+          if config.pretrained and config.pretrained != SYNTHETIC_BACKBONE:
             c.model.pretrained = config.pretrained
           c.eval.update(trials=config.eval.trials, modes=tuple(config.eval.modes),
                         shots=tuple(config.eval.shots), sampling=samplers[0],
@@ -197,6 +202,87 @@ def extra_samplers(config, runs: list[Run]) -> list[str]:
   return extra
 
 
+def _without_stages(config) -> dict[str, Any]:
+  out = config.to_dict()
+  out.pop("stages")
+  out.pop("preset")
+  return out
+
+
+def shared_stages(runs: list[Run]) -> dict[int, tuple[int, list[str]]]:
+  """MMM rows whose trained stages another planned run trains identically.
+
+  MMM's CMC row is stages 1-2 of the full row's pipeline with the same config: training them
+  twice would cost a third of an MMM comparison for identical weights. A run R takes its
+  stages from the first other run S at the same fraction and seed whose config equals R's
+  but for `stages` (and `preset`) and whose trained stages include all of R's.
+
+  Returns:
+    {index of R in runs: (index of S, R's stages)}.
+  """
+  out = {}
+  for i, run in enumerate(runs):
+    if run.method != "mmm":
+      continue
+    mine = run.stages()
+    for j, other in enumerate(runs):
+      if (j != i and j not in out and other.method == "mmm"
+          and (other.imbalance, other.seed) == (run.imbalance, run.seed)
+          and set(mine) <= set(other.stages()) and len(mine) < len(other.stages())
+          and _without_stages(other.config) == _without_stages(run.config)):
+        out[i] = (j, mine)
+        break
+  return out
+
+
+def _link_stages(run: Run, source: Run, stages: list[str], workdir: Path) -> None:
+  """Trains `source`'s `stages` if they are not finished and links them into `run`'s folder."""
+  folder, source_folder = run.folder(workdir), source.folder(workdir)
+  if not all((source_folder / s / "metrics.json").is_file() for s in stages):
+    print(f"{run.method}/{run.row} seed{run.seed}: stages {', '.join(stages)} are those of "
+          f"{source.method}/{source.row}; training them in {source_folder}")
+    config = source.config.copy_and_resolve_references()
+    with config.unlocked():
+      config.stages = ",".join(stages)
+    source_folder.mkdir(parents=True, exist_ok=True)
+    mmm_driver.run_stages(config, source_folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  for stage in stages:
+    link = folder / stage
+    if not link.is_symlink():
+      if link.exists():
+        raise UserError(f"{link} exists but the comparison shares it with {source_folder / stage}"
+                        f"; delete {link} (it holds the same training) and run again")
+      link.symlink_to(os.path.relpath(source_folder / stage, folder), target_is_directory=True)
+
+
+def synthetic_backbones(config, runs: list[Run], workdir: Path) -> dict[str, Path]:
+  """`pretrained='synthetic'`: one `experiments.pretrain` backbone per (arch, image size) of
+  the runs, in `<workdir>/pretrained/` (made once), set as each run's `model.pretrained`.
+
+  Returns:
+    {file name: path} of the backbones.
+  """
+  from experiments import pretrain
+
+  made = {}
+  for run in runs:
+    arch, height, width = run.config.model.arch, run.config.data.height, run.config.data.width
+    path = workdir / "pretrained" / f"{arch}_{height}x{width}.safetensors"
+    if path.name not in made:
+      if path.is_file():
+        print(f"pretrained backbone: {path} (made earlier)")
+      else:
+        print(f"pretrained backbone: training {arch} at {height}x{width} into {path}")
+        summary = pretrain.pretrain_backbone(path, pretrain.PretrainConfig(
+            arch=arch, height=height, width=width, **config.pretrain.to_dict()))
+        print(f"pretrained backbone: {summary['classes']} classes, train accuracy "
+              f"{summary['train_accuracy']:.2f}, {summary['seconds']:.0f} s")
+      made[path.name] = path
+    run.config.model.pretrained = str(path)
+  return made
+
+
 def run_all(config, workdir: str | Path) -> dict[str, Any]:
   """Trains every run that has no result yet, re-evaluates with the further samplers and
   writes the report; returns `compare_report.write_report`'s summary."""
@@ -209,13 +295,22 @@ def run_all(config, workdir: str | Path) -> dict[str, Any]:
       mmm_driver.check_pipeline(run.config, mmm_driver.parse_stages(run.config.stages))
     launch._check(run.method, run.config, str(run.folder(workdir)), ())  # noqa: SLF001
   samplers = extra_samplers(config, runs)
-  for run in runs:
+  if config.pretrained == SYNTHETIC_BACKBONE:
+    synthetic_backbones(config, runs, workdir)
+  shared = shared_stages(runs)
+  for i, run in enumerate(runs):
     folder = run.folder(workdir)
     record = run.record()
+    if i in shared:
+      source, stages = shared[i]
+      record["shared_stages"] = {"stages": stages, "from": os.path.relpath(
+          runs[source].folder(workdir), folder)}
     result = folder / record["result"]
     name = f"{run.method}/{run.row} imb{run.imbalance!r} seed{run.seed}"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / compare_report.RUN_FILE).write_text(json.dumps(record, indent=1))
+    if i in shared:
+      _link_stages(run, runs[shared[i][0]], shared[i][1], workdir)
     if result.is_file():
       print(f"{name}: done earlier ({result})")
     else:

@@ -44,6 +44,7 @@ LONGEST_FIRST = (
     "tests/methods/test_bdf.py",  # 57 s
     "tests/train/test_method_api.py",  # 51 s
     "tests/experiments/test_compare.py",  # 25-45 s
+    "tests/experiments/test_pretrain.py",  # 20 s
     "tests/methods/test_mmm_online.py",
 )
 

@@ -25,6 +25,10 @@ Fields:
   data.manual_dir, pretrained
               '' = the built-in synthetic data / no ImageNet weights; otherwise passed to
               every method as `--config.data.manual_dir` / `--config.model.pretrained`.
+              pretrained='synthetic': each arch's backbone pretrained on other synthetic
+              people (experiments/pretrain.py, the synthetic data's stand-in for ImageNet),
+              made once in <workdir>/pretrained/ with the `pretrain.*` fields
+              (`experiments.pretrain.PretrainConfig`: num_identities, seed, steps, labels).
   eval.*      the protocol every run is evaluated with: trials, modes, shots, num_ranked
               (queries on the ranked-list sheets) and samplers, the SYSU-MM01 gallery samplers:
               the first one is the runs' own evaluation (metrics.json), each further one a
@@ -61,6 +65,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   config.imbalance = "1.0"
   config.data = {"manual_dir": ""}
   config.pretrained = ""
+  config.pretrain = {"num_identities": 400, "seed": 1000, "steps": 1500, "labels": "separate"}
   config.eval = {"trials": 10, "modes": ("all", "indoor"), "shots": (1, 10),
                  "samplers": "agw,official", "num_ranked": 5}
   if preset == "smoke":

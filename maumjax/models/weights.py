@@ -540,6 +540,7 @@ _KEY_RE = re.compile(
 _BN_LEAVES = {"weight": ("params", "scale"), "bias": ("params", "bias"),
               "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
 _OIHW_TO_HWIO = (2, 3, 1, 0)
+_FLAX_LEAVES = ("kernel", "scale", "bias", "mean", "var")
 
 
 def _map_shape(key: str, shape: tuple[int, ...], source: str | None = None
@@ -614,6 +615,66 @@ def torchvision_to_flax(state_dict: Mapping[str, np.ndarray]) -> dict[str, dict[
       node = node.setdefault(part, {})
     node[path[-1]] = np.ascontiguousarray(array)
   return out
+
+
+def flax_to_torchvision(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """The inverse of `torchvision_to_flax`: a `ResNet`'s variables as a torchvision state dict.
+
+  For writing a backbone trained in maumjax where a torchvision checkpoint is expected (e.g. a
+  `model.pretrained` file, `save_state_dict`): conv kernels HWIO -> OIHW, BN scale/bias ->
+  weight/bias, batch_stats mean/var -> running_mean/var, `fc` transposed.
+
+  Args:
+    variables: {'params': ..., 'batch_stats': ...} of one `maumjax.models.resnet.ResNet`
+      (the modules named conv1, bn1, layerL_i/..., and fc when it has one).
+
+  Returns:
+    torchvision key -> float32 NumPy array, e.g. 'layer1.0.conv1.weight'.
+
+  Raises:
+    ValueError: a variable that is not part of a torchvision ResNet (e.g. a non-local block).
+  """
+  out = {}
+  for collection in _COLLECTIONS:
+    for path, leaf in _flatten(variables.get(collection, {})).items():
+      array = np.asarray(leaf, np.float32)
+      if array.ndim == 4:
+        array = array.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+      elif array.ndim == 2:
+        array = array.T
+      key, mapped = None, None
+      if not NON_LOCAL_NAME.match(path[0]) and path[-1] in _FLAX_LEAVES:
+        key = _torch_key(path)
+        try:
+          mapped = _map_shape(key, array.shape)
+        except WeightsError:
+          pass
+      if mapped is None or mapped[:2] != (collection, path):
+        raise ValueError(f"{collection}/{'/'.join(path)} has no torchvision ResNet "
+                         f"counterpart; pass the variables of a plain ResNet (non_local='none')")
+      out[key] = np.ascontiguousarray(array)
+  return out
+
+
+def save_state_dict(path: str | Path, state_dict: Mapping[str, np.ndarray]) -> Path:
+  """Writes a state dict as `.safetensors` or `.npz` (by suffix), readable by
+  `read_state_dict` and `load_backbone`; written to a temporary sibling and renamed, so a
+  failure leaves no partial file."""
+  path = Path(path)
+  if path.suffix not in (".safetensors", ".npz"):
+    raise ValueError(f"{path}: write a .safetensors or .npz file")
+  tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+  try:
+    if path.suffix == ".npz":
+      np.savez(tmp, **{k: np.asarray(v) for k, v in state_dict.items()})
+    else:
+      from safetensors.numpy import save_file
+
+      save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, str(tmp))
+    tmp.replace(path)
+  finally:
+    tmp.unlink(missing_ok=True)
+  return path
 
 
 def _guess_arch(shapes: Mapping[str, tuple[int, ...]]) -> str:

@@ -21,14 +21,35 @@ REPO = Path(__file__).resolve().parents[2]
 # CMC-only row goes through experiments.mmm's stage driver, replaced in the test by a stand-in
 # that writes the stages' metrics.json (the driver is tested in tests/methods/test_mmm*.py).
 RESULTS = {"maum_maum": "metrics.json", "maum_baseline": "metrics.json",
-           "mmm_cmc": "stage2/metrics.json"}
+           "mmm_full": "final/metrics.json", "mmm_cmc": "stage2/metrics.json"}
 METRICS = ("r1", "r5", "r10", "r20", "mAP", "mINP")
 
 
 def _config():
   config = compare_configs.get_config("smoke")  # one seed, 1 trial of all-search single-shot
-  config.methods, config.rows.mmm = "maum,mmm", "cmc"
+  config.methods, config.rows.mmm = "maum,mmm", "full,cmc"
   return config
+
+
+def _stand_in(work: Path, staged: list):
+  """MMM's driver, replaced: writes each trained stage's run files (copied from the MAUM run,
+  r1 50 + stage number) as the driver does, skipping finished stages as it does."""
+
+  def run_stages(config, folder):
+    staged.append((config.stages, Path(folder)))
+    source = work / "runs/maum_maum/imb1.0/seed0"
+    for i, stage in enumerate(("stage1", "stage2", "final")):
+      out = Path(folder) / stage
+      if stage not in config.stages.split(",") or (out / "metrics.json").is_file():
+        continue
+      metrics = json.loads((source / "metrics.json").read_text())
+      metrics["run"]["train_seconds"] = 10.0 * (i + 1)
+      metrics["summary"]["all/single"]["r1"] = 50.0 + i
+      out.mkdir(parents=True)
+      (out / "metrics.json").write_text(json.dumps(metrics))
+      (out / "config.json").write_text((source / "config.json").read_text())
+
+  return run_stages
 
 
 def _hand_run(seed: int, r1: float, mAP: float, seconds: float, row: str = "maum") -> dict:
@@ -98,23 +119,17 @@ def test_compare_trains_reports_and_retrains_nothing(tmp_path, monkeypatch, caps
     return config
 
   staged = []
-
-  def run_stages(config, folder):  # MMM's driver: each stage's run files, as it writes them
-    staged.append((config.stages, Path(folder)))
-    source = work / "runs/maum_maum/imb1.0/seed0"
-    for i, stage in enumerate(("stage1", "stage2")):
-      metrics = json.loads((source / "metrics.json").read_text())
-      metrics["run"]["train_seconds"] = 10.0 * (i + 1)
-      metrics["summary"]["all/single"]["r1"] = 50.0 + i
-      (Path(folder) / stage).mkdir(parents=True)
-      (Path(folder) / stage / "metrics.json").write_text(json.dumps(metrics))
-      (Path(folder) / stage / "config.json").write_text((source / "config.json").read_text())
-
   monkeypatch.setattr(compare, "method_config", shorter)
-  monkeypatch.setattr(compare.mmm_driver, "run_stages", run_stages)
+  monkeypatch.setattr(compare.mmm_driver, "run_stages", _stand_in(work, staged))
   compare.run_all(_config(), work)
-  assert capsys.readouterr().out.count(" seed0: training in ") == 3
-  assert staged == [("stage1,stage2", work / "runs/mmm_cmc/imb1.0/seed0")]
+  out = capsys.readouterr().out
+  assert out.count(" seed0: training in ") == 3 and "mmm/cmc imb1.0 seed0: done earlier" in out
+  # The CMC row's stages 1-2 are the full row's: trained once, linked into the CMC run.
+  full, cmc = work / "runs/mmm_full/imb1.0/seed0", work / "runs/mmm_cmc/imb1.0/seed0"
+  assert staged == [("stage1,stage2,mmlm,final", full)]
+  for stage in ("stage1", "stage2"):
+    assert (cmc / stage).is_symlink() and (cmc / stage).resolve() == (full / stage).resolve()
+  assert not (cmc / "final").exists()
 
   results = {name: json.loads((work / "runs" / name / "imb1.0" / "seed0" / path).read_text())
              for name, path in RESULTS.items()}
@@ -126,7 +141,7 @@ def test_compare_trains_reports_and_retrains_nothing(tmp_path, monkeypatch, caps
     run = by_name[name]
     assert run["evaluations"]["agw"]["summary"] == metrics["summary"]
     assert run["train_images_per_s"] == metrics["run"]["train_images_per_s"]
-    if name != "mmm_cmc":  # the stand-in writes no checkpoint
+    if not name.startswith("mmm"):  # the stand-in writes no checkpoint
       assert isinstance(run["params"], int) and run["params"] > 0
     protocol = run["evaluations"]["agw"]["protocol"]
     assert (protocol["dataset"], protocol["settings"], protocol["sampler"], protocol["trials"],
@@ -136,6 +151,7 @@ def test_compare_trains_reports_and_retrains_nothing(tmp_path, monkeypatch, caps
   assert by_name["mmm_cmc"]["train_seconds"] == pytest.approx(
       stage1["run"]["train_seconds"] + results["mmm_cmc"]["run"]["train_seconds"])
   assert by_name["mmm_cmc"]["evaluations"]["agw"]["summary"]["all/single"]["r1"] == 51.0
+  assert by_name["mmm_full"]["train_seconds"] == pytest.approx(10.0 + 20.0 + 30.0)
 
   # One seed: each aggregate is the run's own number, without a spread, and report.md shows it.
   table = (work / "report" / "report.md").read_text()
@@ -155,11 +171,47 @@ def test_compare_trains_reports_and_retrains_nothing(tmp_path, monkeypatch, caps
   (work / "report" / "report.json").unlink()
   compare.run_all(_config(), work)
   out = capsys.readouterr().out
-  assert out.count(" seed0: done earlier") == 3 and "training in" not in out
+  assert out.count(" seed0: done earlier") == 4 and "training in" not in out
   assert len(staged) == 1
   assert {p: p.stat().st_mtime_ns for p in work.glob("runs/**/metrics.json")} == stamps
   again = json.loads((work / "report" / "report.json").read_text())
   assert again["aggregates"] == report["aggregates"]
+
+
+def test_mmm_rows_share_stages_only_with_the_same_config(tmp_path, monkeypatch, capsys):
+  """`shared_stages` pairs a row with one training the same config's stages at the same
+  fraction and seed; listed first, the CMC row trains them in the full row's folder."""
+  config = _config()
+  config.methods, config.rows.mmm, config.seeds = "mmm", "cmc,full,mmlm", "0,1"
+  runs = compare.plan(config)
+  names = [(r.row, r.seed) for r in runs]
+  shared = {names[i]: (names[j], stages)
+            for i, (j, stages) in compare.shared_stages(runs).items()}
+  # mmlm trains stages 1-2 with Intra and Inter off: another config, nothing shared.
+  assert shared == {("cmc", 0): (("full", 0), ["stage1", "stage2"]),
+                    ("cmc", 1): (("full", 1), ["stage1", "stage2"])}
+
+  work = tmp_path / "work"
+  source = work / "runs/maum_maum/imb1.0/seed0"
+  source.mkdir(parents=True)
+  metrics = {"summary": {"all/single": {k: 1.0 for k in METRICS}},
+             "run": {"train_seconds": 1.0, "train_images_per_s": 1.0}}
+  (source / "metrics.json").write_text(json.dumps(metrics))
+  (source / "config.json").write_text("{}")
+  staged = []
+  monkeypatch.setattr(compare.mmm_driver, "run_stages", _stand_in(work, staged))
+  cmc, full = runs[0], runs[2]
+  assert (cmc.row, full.row, cmc.seed, full.seed) == ("cmc", "full", 0, 0)
+  compare._link_stages(cmc, full, ["stage1", "stage2"], work)  # noqa: SLF001
+  assert [(c, f.name) for c, f in staged] == [("stage1,stage2", "seed0")]
+  assert (cmc.folder(work) / "stage2" / "metrics.json").is_file()
+  assert "training them in" in capsys.readouterr().out
+  compare._link_stages(cmc, full, ["stage1", "stage2"], work)  # noqa: SLF001
+  assert len(staged) == 1  # finished: linked again, not trained
+  (cmc.folder(work) / "stage1").unlink()
+  (cmc.folder(work) / "stage1").mkdir()
+  with pytest.raises(UserError, match="stage1 exists but the comparison shares it"):
+    compare._link_stages(cmc, full, ["stage1", "stage2"], work)  # noqa: SLF001
 
 
 def test_the_command_line_refuses_an_unknown_method_before_any_work(tmp_path):

@@ -289,6 +289,30 @@ def test_torchvision_to_flax_layouts(tiny_sd):
     torchvision_to_flax({"head.weight": np.zeros((2, 2), np.float32)})
 
 
+def test_flax_to_torchvision_inverts_the_conversion(tiny_sd, tmp_path):
+  """Back to torchvision layout: the test's own key mapping built `tiny_sd` from a Flax tree;
+  the library's inverse must give those exact tensors back, and its files read back too."""
+  back = weights.flax_to_torchvision(torchvision_to_flax(tiny_sd))
+  expected = {k: v for k, v in tiny_sd.items() if not k.endswith("num_batches_tracked")}
+  assert sorted(back) == sorted(expected)
+  for key, value in expected.items():
+    np.testing.assert_array_equal(back[key], value, err_msg=key)
+  for suffix in (".npz", ".safetensors"):
+    path = weights.save_state_dict(tmp_path / f"backbone{suffix}", back)
+    again = read_state_dict(path)
+    assert sorted(again) == sorted(back)
+    np.testing.assert_array_equal(again["layer2.0.downsample.0.weight"],
+                                  back["layer2.0.downsample.0.weight"])
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone.npz", "backbone.safetensors"]
+  with pytest.raises(ValueError, match="write a .safetensors or .npz"):
+    weights.save_state_dict(tmp_path / "backbone.pth", back)
+  non_local = jax.eval_shape(lambda: ResNet("tiny", non_local="agw").init(
+      jax.random.key(0), jnp.zeros((1, H, W, 3)), train=False))
+  zeros = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), non_local)
+  with pytest.raises(ValueError, match="nonlocal.*no torchvision ResNet counterpart"):
+    weights.flax_to_torchvision(zeros)
+
+
 @pytest.fixture(scope="module")
 def reid():
   model = ReidNet(arch="tiny", specific_stages=1, head="both", num_parts=2, part_dim=8)
