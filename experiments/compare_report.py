@@ -250,7 +250,9 @@ def _map_bars(rows, out: Path, fractions) -> Path:
     ax.set_title(f"mAP, mean ± std over seeds (infrared fraction {fraction}, "
                  f"{rows[0]['sampler']} gallery sampler)")
     ax.grid(True, axis="y", alpha=0.4)
-    ax.legend(fontsize="small")
+    # Beside the axes: inside, it hid the bars of the last setting.
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+  fig.set_figwidth(10.0)
   fig.tight_layout()
   fig.savefig(out / "map_bars.png", format="png")
   return out / "map_bars.png"

@@ -79,6 +79,10 @@ def stage_config(config: dict[str, Any], stage: str, workdir: Path,
     pipe["steps_per_epoch"] = 2 * int(pipe["steps_per_epoch"])
   if stage == "final":
     pipe["warm_epochs"] = config["mmm"]["warm_epochs"]
+    # MMLM can leave fewer classes than the P identities a step draws (an infrared clustering
+    # that collapsed, e.g. with little infrared data): draw all of them [I].
+    if 0 < num_classes < int(pipe.get("num_identities", out["data"]["pipeline"]["num_identities"])):
+      pipe["num_identities"] = num_classes
   out["data"]["pipeline"].update(pipe)
   mmm = dict(config["mmm"], stage=stage)
   if stage == "stage2":
@@ -161,6 +165,10 @@ def run_stages(config, workdir: str | Path, *, config_change=()) -> dict[str, An
       results[stage] = json.loads((run_dir / "metrics.json").read_text())
     else:
       print(f"{stage}: training in {run_dir}")
+      if stage == "final" and num_classes < int(config["final"]["pipeline"].get(
+          "num_identities", config["data"]["pipeline"]["num_identities"])):
+        print(f"final: MMLM left {num_classes} classes, fewer than the sampler's P; each step "
+              f"draws all {num_classes}")
       results[stage] = loop.train_and_evaluate(
           stage_config(config, stage, workdir, num_classes), run_dir,
           config_change=tuple(config_change))

@@ -3,10 +3,10 @@
 Trains every method's key row and its baseline row on the same data, seeds and evaluation
 protocol, then writes one report (experiments/compare.py has the layout). Presets:
 
-  synthetic (default)  each method's `synthetic_<row>` preset (the CPU demos, 1.5-7 minutes a
-                       run on the 2-core VM: about 25 minutes a seed for the 8 rows, 70 for
-                       the default 3 seeds, estimated from the README's per-run times), the
-                       full SYSU-MM01 protocol (10 trials, all/indoor x single/multi-shot).
+  synthetic (default)  each method's `synthetic_<row>` preset (the CPU demos: 1.3-2.4 minutes a
+                       run on the 2-core VM, MMM's full row 3.4-3.8 with the CMC row's stages
+                       shared; measured 17 minutes a seed, about 50 for the default 3 seeds),
+                       the full SYSU-MM01 protocol (10 trials, all/indoor x single/multi-shot).
   smoke                each method's `smoke` preset, one seed, one trial of all-search
                        single-shot (tests and quick checks).
 

@@ -413,6 +413,27 @@ def test_stage_lists_are_checked():
     mmm.MMMConfig(stage="final")
 
 
+def test_the_final_stage_draws_every_class_when_mmlm_leaves_fewer_than_p():
+  """An infrared clustering that collapsed (seen with a quarter of the infrared data) leaves
+  MMLM fewer classes than P; the identity sampler would refuse them, so P becomes that count."""
+  config = _smoke()
+  p = config["final"]["pipeline"]["num_identities"]
+  assert p == 4
+  final = mmm_cli.stage_config(config, "final", Path("/unused"), num_classes=3)
+  assert final["data"]["pipeline"]["num_identities"] == 3
+  assert final["mmm"]["num_classes"] == 3
+  for classes in (4, 50):  # enough classes: P as configured
+    final = mmm_cli.stage_config(config, "final", Path("/unused"), num_classes=classes)
+    assert final["data"]["pipeline"]["num_identities"] == p
+  from maumjax.data import sampler as sampler_lib
+
+  labels = np.repeat(np.arange(3), 8)
+  modality = np.tile(np.repeat([0, 1], 4), 3)
+  with pytest.raises(ValueError, match="exceeds the 3 training identities"):
+    sampler_lib.IdentitySampler(labels, modality, num_identities=p, num_instances=2)
+  sampler_lib.IdentitySampler(labels, modality, num_identities=3, num_instances=2)
+
+
 def test_stage2_can_start_from_stage1s_best_on_test_pick(tmp_path):
   """eval.select='best_on_test' (mmm.md §9 row 17): 'best' is the test mAP in stages 1-2 and
   Rank-1 in the final stage, and stage 2 starts from stage 1's <run>/best pick, not its latest
