@@ -168,6 +168,7 @@ def plan(config) -> list[Run]:
           c.data.pipeline.update(seed=seed, imbalance_fraction=fraction)
           if config.data.manual_dir:
             c.data.manual_dir = config.data.manual_dir
+          c.data.synthetic.update({k: v for k, v in config.data.synthetic.items() if v >= 0})
           if config.pretrained and config.pretrained != SYNTHETIC_BACKBONE:
             c.model.pretrained = config.pretrained
           c.eval.update(trials=config.eval.trials, modes=tuple(config.eval.modes),

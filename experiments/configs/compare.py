@@ -29,6 +29,10 @@ Fields:
               people (experiments/pretrain.py, the synthetic data's stand-in for ImageNet),
               made once in <workdir>/pretrained/ with the `pretrain.*` fields
               (`experiments.pretrain.PretrainConfig`: num_identities, seed, steps, labels).
+  data.synthetic.{seed, num_identities, images_per_camera}
+              the built-in synthetic data's generator settings for every method (-1: the
+              preset's own, 0 / 100 / 10 for the synthetic budget), e.g. to check a budget on
+              data it was not tuned on.
   eval.*      the protocol every run is evaluated with: trials, modes, shots, num_ranked
               (queries on the ranked-list sheets) and samplers, the SYSU-MM01 gallery samplers:
               the first one is the runs' own evaluation (metrics.json), each further one a
@@ -63,7 +67,9 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   config.seeds = "0,1,2"
   config.budget = "synthetic"
   config.imbalance = "1.0"
-  config.data = {"manual_dir": ""}
+  # -1: the method preset's own value (the synthetic data's generator settings).
+  config.data = {"manual_dir": "",
+                 "synthetic": {"seed": -1, "num_identities": -1, "images_per_camera": -1}}
   config.pretrained = ""
   config.pretrain = {"num_identities": 400, "seed": 1000, "steps": 1500, "labels": "separate"}
   config.eval = {"trials": 10, "modes": ("all", "indoor"), "shots": (1, 10),

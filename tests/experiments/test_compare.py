@@ -97,6 +97,15 @@ def test_the_official_sampler_is_skipped_on_the_synthetic_data(capsys):
   assert "'official' skipped" in capsys.readouterr().out
 
 
+def test_synthetic_generator_settings_apply_to_every_run():
+  config = _config()
+  config.data.synthetic.update(seed=7, num_identities=24)
+  for run in compare.plan(config):
+    assert (run.config.data.synthetic.seed, run.config.data.synthetic.num_identities,
+            run.config.data.synthetic.images_per_camera) == (7, 24, 10), run.method
+  assert {r.config.data.synthetic.num_identities for r in compare.plan(_config())} == {16}
+
+
 def test_a_row_applies_to_a_budget_without_rows():
   """MAUM's smoke preset has no rows: `smoke` plus what synthetic_baseline changes."""
   config = compare.method_config("maum", "smoke", "baseline")
