@@ -87,7 +87,8 @@ def check_config(config) -> None:
 
   Raises:
     EvalConfigError: a field of `EVAL_CHOICES` holds another value, a SYSU setting is unknown,
-      or `eval.select='best_on_test'` has no quick evaluations to select from
+      the synthetic SYSU data holds fewer images per camera folder than a multi-shot gallery
+      draws, or `eval.select='best_on_test'` has no quick evaluations to select from
       (`train.eval_every_epochs=0`). The message names the field, the value and the choices.
   """
   ev = config["eval"]
@@ -99,6 +100,15 @@ def check_config(config) -> None:
     if bad:
       raise EvalConfigError(f"config.eval.{key} holds {bad}; the SYSU-MM01 protocol has "
                             f"{list(allowed)}")
+  data = config.get("data", {})
+  synthetic = data.get("synthetic", {})
+  if (not data.get("manual_dir") and data.get("name") == "sysu_mm01"
+      and max(ev.get("shots", ()), default=1) > synthetic.get("images_per_camera", 10)):
+    raise EvalConfigError(
+        f"config.eval.shots={list(ev['shots'])} draws {max(ev['shots'])} gallery images per "
+        f"camera folder, and the synthetic data's config.data.synthetic.images_per_camera="
+        f"{synthetic['images_per_camera']} writes fewer; raise it to {max(ev['shots'])} or "
+        f"evaluate single-shot only (config.eval.shots=1,)")
   if ev.get("select") == "best_on_test" and not config["train"]["eval_every_epochs"]:
     raise EvalConfigError("config.eval.select='best_on_test' picks among the quick "
                           "evaluations, and config.train.eval_every_epochs=0 runs none: set "

@@ -106,6 +106,25 @@ def test_synthetic_generator_settings_apply_to_every_run():
   assert {r.config.data.synthetic.num_identities for r in compare.plan(_config())} == {16}
 
 
+def test_multi_shot_on_too_few_synthetic_images_is_refused_before_training(tmp_path):
+  """Ten-shot galleries need ten images per camera folder: refused at the check, not after a
+  run's training (it happened: eight per folder failed at MAUM's evaluation)."""
+  from maumjax.train import evaluation
+
+  config = _config()
+  config.eval.shots = (1, 10)
+  config.data.synthetic.images_per_camera = 8
+  with pytest.raises(evaluation.EvalConfigError, match="images_per_camera=8 writes fewer"):
+    compare.run_all(config, tmp_path / "work")
+  assert not (tmp_path / "work" / "runs").exists()
+  run = compare.plan(config)[0].config
+  run.data.manual_dir = "/data/sysu"  # real data: the dataset's own folders decide
+  evaluation.check_config(run)
+  config.data.synthetic.images_per_camera = 10
+  for r in compare.plan(config):
+    evaluation.check_config(r.config)
+
+
 def test_a_row_applies_to_a_budget_without_rows():
   """MAUM's smoke preset has no rows: `smoke` plus what synthetic_baseline changes."""
   config = compare.method_config("maum", "smoke", "baseline")
