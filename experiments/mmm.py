@@ -65,6 +65,15 @@ def check_pipeline(config: dict[str, Any], stages: tuple[str, ...]) -> None:
                     f"(preset <data>_paper), code_offline the stages of {OFFLINE}")
 
 
+def _capped_p(config: dict[str, Any], num_classes: int) -> int | None:
+  """The final stage's P when MMLM left fewer classes than the P identities a step draws (an
+  infrared clustering that collapsed, e.g. with little infrared data): all of them [I]; None
+  when the configured P stands."""
+  p = int(config["final"]["pipeline"].get("num_identities",
+                                          config["data"]["pipeline"]["num_identities"]))
+  return num_classes if 0 < num_classes < p else None
+
+
 def stage_config(config: dict[str, Any], stage: str, workdir: Path,
                  num_classes: int = 0) -> dict[str, Any]:
   """The trainer config of one trained stage (a plain dict, as config.json stores it)."""
@@ -79,10 +88,8 @@ def stage_config(config: dict[str, Any], stage: str, workdir: Path,
     pipe["steps_per_epoch"] = 2 * int(pipe["steps_per_epoch"])
   if stage == "final":
     pipe["warm_epochs"] = config["mmm"]["warm_epochs"]
-    # MMLM can leave fewer classes than the P identities a step draws (an infrared clustering
-    # that collapsed, e.g. with little infrared data): draw all of them [I].
-    if 0 < num_classes < int(pipe.get("num_identities", out["data"]["pipeline"]["num_identities"])):
-      pipe["num_identities"] = num_classes
+    if (capped := _capped_p(config, num_classes)) is not None:
+      pipe["num_identities"] = capped
   out["data"]["pipeline"].update(pipe)
   mmm = dict(config["mmm"], stage=stage)
   if stage == "stage2":
@@ -165,8 +172,7 @@ def run_stages(config, workdir: str | Path, *, config_change=()) -> dict[str, An
       results[stage] = json.loads((run_dir / "metrics.json").read_text())
     else:
       print(f"{stage}: training in {run_dir}")
-      if stage == "final" and num_classes < int(config["final"]["pipeline"].get(
-          "num_identities", config["data"]["pipeline"]["num_identities"])):
+      if stage == "final" and _capped_p(config, num_classes) is not None:
         print(f"final: MMLM left {num_classes} classes, fewer than the sampler's P; each step "
               f"draws all {num_classes}")
       results[stage] = loop.train_and_evaluate(
