@@ -31,6 +31,9 @@ def data_config(*, name: str = "sysu_mm01", height: int = 288,
           "height": 128,
           "width": 64,
           "seed": 0,
+          # SYSU layout: weight of reflected near-infrared light in the infrared images (SYSU's
+          # infrared cameras are near-infrared ones); 0 renders them thermal only.
+          "nir": 0.0,
       },
       "pipeline": {
           "num_identities": 8,  # P
@@ -47,6 +50,7 @@ def data_config(*, name: str = "sysu_mm01", height: int = 288,
           "imbalance_unit": "images",
           "seed": 0,
           "sampler": "agw",  # 'agw' (AGW / MAUM) or 'mpanet' (one pass of paired chunks)
+          "epoch_fraction": 1.0,  # < 1: shorter epochs, the same schedule in epochs
       },
   })
 

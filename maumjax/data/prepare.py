@@ -41,9 +41,18 @@ class SyntheticSpec:
   height: int = 128
   width: int = 64
   seed: int = 0
+  nir: float = 0.0  # SYSU layout: near-infrared weight of the infrared cameras (0 = thermal)
+
+  def __post_init__(self):
+    if not 0.0 <= self.nir <= 1.0:
+      raise ValueError(f"data.synthetic.nir={self.nir!r} must be in [0, 1]: the weight of "
+                       "reflected near-infrared light in the synthetic infrared images")
 
   def key(self, name: str) -> str:
-    blob = json.dumps({"name": name, **dataclasses.asdict(self)}, sort_keys=True)
+    fields = dataclasses.asdict(self)
+    if not fields["nir"]:
+      del fields["nir"]  # the key of every tree written before the field existed
+    blob = json.dumps({"name": name, **fields}, sort_keys=True)
     return f"{name}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
 
 
@@ -70,6 +79,9 @@ def write_synthetic(name: str, spec: SyntheticSpec, root: Path | None = None) ->
   """Writes (once) the synthetic tree for `spec` under the cache and returns its folder."""
   from maumjax.data import progress, synthetic
 
+  if spec.nir and name != "sysu_mm01":
+    raise ValueError(f"data.synthetic.nir={spec.nir} applies to the SYSU-MM01 layout only "
+                     f"(RegDB's infrared camera is thermal); set it to 0 for {name}")
   out = (root or cache_root() / "synthetic") / spec.key(name)
   if out.is_dir() and any(out.iterdir()):
     return out
@@ -81,15 +93,17 @@ def write_synthetic(name: str, spec: SyntheticSpec, root: Path | None = None) ->
   else:
     per_folder = f"{spec.images_per_modality} per identity and modality"
     total = 2 * spec.num_identities * spec.images_per_modality
+  nir = f", near-infrared weight {spec.nir}" if spec.nir else ""
   progress.note(f"Generating synthetic {name} data ({spec.num_identities} identities, {total} "
-                f"images, {per_folder}, {spec.height}x{spec.width}, seed {spec.seed}) into "
+                f"images, {per_folder}, {spec.height}x{spec.width}, seed {spec.seed}{nir}) into "
                 f"{out}; once per parameter set ...")
   start = time.perf_counter()
   with progress.Progress(f"generating synthetic {name}", total) as bar:
     if sysu:
       synthetic.write_sysu_mm01(out, num_identities=spec.num_identities,
                                 images_per_camera=spec.images_per_camera, height=spec.height,
-                                width=spec.width, seed=spec.seed, progress=bar.update)
+                                width=spec.width, seed=spec.seed, nir=spec.nir,
+                                progress=bar.update)
     else:
       synthetic.write_regdb(out, num_identities=spec.num_identities,
                             images_per_modality=spec.images_per_modality, height=spec.height,

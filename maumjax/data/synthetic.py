@@ -20,6 +20,7 @@ place, so a failure leaves nothing behind.
 
 Command line (prints what it wrote):
   python -m maumjax.data.synthetic --layout sysu_mm01 --out /tmp/sysu [--num_identities 40]
+      [--nir 0.5]
   python -m maumjax.data.synthetic --layout regdb --out /tmp/regdb [--images_per_modality 10]
 
 Timing (one core of a 2-core Xeon VM, Python 3.11, about 2.5 ms per image): the SYSU default
@@ -91,13 +92,20 @@ def _camera(modality: str, height: int, width: int, rng: np.random.Generator, *,
     bg_kind=int(rng.integers(4)), bg_freq=float(rng.uniform(2.0, 8.0)))
 
 
-def sysu_cameras(height: int, width: int, seed: int) -> dict[int, render_lib.Camera]:
-  """The six SYSU-MM01 cameras: 1, 2, 4, 5 visible; 3 indoor infrared; 6 cluttered infrared."""
+def sysu_cameras(height: int, width: int, seed: int,
+                 nir: float = 0.0) -> dict[int, render_lib.Camera]:
+  """The six SYSU-MM01 cameras: 1, 2, 4, 5 visible; 3 indoor infrared; 6 cluttered infrared.
+
+  `nir` is the infrared cameras' weight of reflected near-infrared light
+  (`maumjax.data.synthetic_render.Camera.nir`; 0 = thermal only).
+  """
   cams = {}
   for cam, (fh, fw) in SYSU_SIZE_FACTORS.items():
     modality = "ir" if cam in IR_CAMERAS else "rgb"
     cams[cam] = _camera(modality, max(8, round(height * fh)), max(4, round(width * fw)),
                         _rng(seed, _CAMERA, cam), clutter=3 if cam == 6 else 0)
+    if modality == "ir":
+      cams[cam] = dataclasses.replace(cams[cam], nir=float(nir))
   return cams
 
 
@@ -184,7 +192,7 @@ def sysu_plan(num_identities: int, seed: int) -> tuple[dict[str, list[int]], dic
 
 def write_sysu_mm01(out_dir: str | os.PathLike, *, num_identities: int = 40,
                     images_per_camera: int = 12, height: int = 128, width: int = 64,
-                    seed: int = 0,
+                    seed: int = 0, nir: float = 0.0,
                     progress: Callable[[int], None] | None = None) -> pathlib.Path:
   """Writes a synthetic SYSU-MM01 tree (protocol.md §1.3).
 
@@ -195,6 +203,9 @@ def write_sysu_mm01(out_dir: str | os.PathLike, *, num_identities: int = 40,
     height: base image height; each camera scales it (`SYSU_SIZE_FACTORS`).
     width: base image width.
     seed: random seed (>= 0); the same seed writes byte-identical files.
+    nir: weight in [0, 1] of reflected near-infrared light in the infrared cameras' images of
+      people (SYSU-MM01's infrared cameras are near-infrared ones); 0, the default, renders
+      them thermal only, so no colour information reaches them (`synthetic_render`).
     progress: called with 1 after each image (`sysu_image_count` of them in all).
 
   Returns:
@@ -205,10 +216,13 @@ def write_sysu_mm01(out_dir: str | os.PathLike, *, num_identities: int = 40,
     FileExistsError: `out_dir` exists and is not empty.
   """
   _check_sizes(images_per_camera=images_per_camera, height=height, width=width, seed=seed)
+  if not 0.0 <= nir <= 1.0:
+    raise ValueError(f"nir={nir!r} must be in [0, 1]: the weight of reflected near-infrared "
+                     "light in the infrared images (0 = thermal only)")
   if images_per_camera > 9999:
     raise ValueError(f"images_per_camera={images_per_camera} exceeds 9999 (4-digit file names)")
   splits, cameras = sysu_plan(num_identities, seed)
-  cams = sysu_cameras(height, width, seed)
+  cams = sysu_cameras(height, width, seed, nir)
   with _staging(out_dir) as root:
     for pid, pid_cams in cameras.items():
       person = render_lib.sample_person(_rng(seed, _PERSON, pid))
@@ -334,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--height", type=int, default=128)
   parser.add_argument("--width", type=int, default=64)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--nir", type=float, help="sysu_mm01 only: weight in [0, 1] of reflected "
+                      "near-infrared light in the infrared images (default 0, thermal only)")
   args = parser.parse_args(argv)
   sysu = args.layout == "sysu_mm01"
   right, wrong = (("images_per_camera", "images_per_modality") if sysu
@@ -341,7 +357,11 @@ def main(argv: list[str] | None = None) -> int:
   opts = vars(args)
   if opts[wrong] is not None:
     parser.error(f"--{wrong} does not apply to --layout {args.layout}; use --{right}")
+  if args.nir is not None and not sysu:
+    parser.error("--nir does not apply to --layout regdb (RegDB's infrared camera is thermal)")
   kwargs = dict(height=args.height, width=args.width, seed=args.seed)
+  if args.nir is not None:
+    kwargs["nir"] = args.nir
   if args.num_identities is not None:
     kwargs["num_identities"] = args.num_identities
   if opts[right] is not None:

@@ -13,11 +13,19 @@ plus a garment-pattern mask; both modalities colour that same map:
   a cool low-texture background, blur, per-camera gain and sensor noise; returned as 3 equal
   channels.
 
-No colour enters the thermal path, so colour does not transfer across modalities, while body
-shape, accessories, garment pattern and material (emissivity shows as gloss in the visible image
-and as a cool garment in the thermal one) do: a model can learn cross-modality identity, but only
-from those cues. Every draw a renderer makes depends on geometry and camera only, never on a
-colour, so swapping an identity's colours leaves its thermal images bit-identical.
+With the default `Camera.nir = 0`, no colour enters the thermal path, so colour does not
+transfer across modalities, while body shape, accessories, garment pattern and material
+(emissivity shows as gloss in the visible image and as a cool garment in the thermal one) do: a
+model can learn cross-modality identity, but only from those cues. Every draw a renderer makes
+depends on geometry and camera only, never on a colour, so swapping an identity's colours leaves
+its thermal images bit-identical. That is a far-infrared (thermal) camera, as RegDB's.
+
+SYSU-MM01's infrared cameras are near-infrared ones with active illumination: they see reflected
+light, and a garment's near-infrared reflectance follows its visible lightness in part. An `ir`
+camera with `nir = w` in (0, 1] mixes, on the body, `w` of reflected light (each part's visible
+luminance, the pattern's second colour where the pattern is on, with the same shading) into
+`1 - w` of the thermal signal. Then dark-and-light structure (lightness of garments, patterns,
+hair) carries across modalities too, while hue still does not. Our model, not a measured one.
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ _MATERIAL_PARTS = (UPPER, LOWER, SHOES, HAT, BAG, BACKPACK)
 PATTERNS = ("plain", "hstripes", "vstripes", "checks")
 
 Rgb = tuple[float, float, float]
+# ITU-R BT.601 luma weights: a part's visible lightness, its near-infrared reflectance here.
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +120,7 @@ class Camera:
   gain: float = 1.0
   ambient: float = 0.18  # background temperature, also reflected by low-emissivity fabrics
   clutter: int = 0  # lukewarm background objects per thermal image
+  nir: float = 0.0  # ir: weight of reflected near-infrared light on the body (0 = thermal only)
 
 
 def _colour(rng: np.random.Generator, lo: float = 0.05, hi: float = 0.95) -> Rgb:
@@ -335,16 +346,18 @@ def render(person: Person, pose: Pose, camera: Camera, rng: np.random.Generator)
   """
   if camera.modality not in ("rgb", "ir"):
     raise ValueError(f"camera modality {camera.modality!r} is unknown; use 'rgb' or 'ir'")
+  if not 0.0 <= camera.nir <= 1.0:
+    raise ValueError(f"camera nir={camera.nir!r} must be in [0, 1] (0 = thermal only)")
   lab, pattern, across = layout(person, pose, camera)
   body = lab > 0
   emissivity = np.full(NUM_PARTS, 0.97, np.float32)  # skin and hair: matte, no sheen
   emissivity[list(_MATERIAL_PARTS)] = person.emissivity
+  palette = np.array([(0.0, 0.0, 0.0), person.skin_rgb, person.hair_rgb, person.upper_rgb,
+                      person.lower_rgb, person.shoes_rgb, person.hat_rgb, person.bag_rgb,
+                      person.backpack_rgb], np.float32)
+  palette2 = palette.copy()
+  palette2[UPPER], palette2[LOWER] = person.upper_rgb2, person.lower_rgb2
   if camera.modality == "rgb":
-    palette = np.array([(0.0, 0.0, 0.0), person.skin_rgb, person.hair_rgb, person.upper_rgb,
-                        person.lower_rgb, person.shoes_rgb, person.hat_rgb, person.bag_rgb,
-                        person.backpack_rgb], np.float32)
-    palette2 = palette.copy()
-    palette2[UPPER], palette2[LOWER] = person.upper_rgb2, person.lower_rgb2
     colour = np.where(pattern[..., None], palette2[lab], palette[lab])
     shade = 1.0 - 0.35 * np.clip(across ** 2, 0.0, 1.0)
     # Glossy (low-emissivity) fabrics show a specular band: the visible face of the material.
@@ -362,6 +375,9 @@ def render(person: Person, pose: Pose, camera: Camera, rng: np.random.Generator)
     contrast[[UPPER, LOWER]] = person.pattern_contrast
     warmth = rng.normal(0.0, 0.02)  # activity and clothing fit vary from image to image
     person_ir = radiance[lab] * (1.0 - contrast[lab] * pattern) + warmth
+    if camera.nir:
+      reflected = np.where(pattern, palette2[lab] @ LUMA, palette[lab] @ LUMA)
+      person_ir = (1.0 - camera.nir) * person_ir + camera.nir * reflected
     person_ir = person_ir * (1.0 - 0.15 * np.clip(across ** 2, 0.0, 1.0))
     img = np.where(body, person_ir, _ir_background(camera, rng))
     img = ndimage.gaussian_filter(img, camera.blur) * camera.gain

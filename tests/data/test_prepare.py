@@ -58,3 +58,23 @@ def test_spec_key_changes_with_parameters():
   a = prepare_lib.SyntheticSpec(**_SPEC)
   b = prepare_lib.SyntheticSpec(**{**_SPEC, "seed": 4})
   assert a.key("sysu_mm01") != b.key("sysu_mm01") != a.key("regdb")
+
+
+def test_spec_key_of_the_thermal_default_is_unchanged_and_nir_is_checked(tmp_path):
+  """nir = 0 keeps the key every tree had before the field existed (caches stay valid); another
+  weight gets its own tree; a bad weight, or one for the thermal RegDB, is refused up front."""
+  import hashlib
+  import json
+
+  import pytest
+
+  blob = json.dumps({"name": "sysu_mm01", **_SPEC, "images_per_modality": 4}, sort_keys=True)
+  old_key = f"sysu_mm01-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
+  assert prepare_lib.SyntheticSpec(**_SPEC).key("sysu_mm01") == old_key
+  nir = prepare_lib.SyntheticSpec(**_SPEC, nir=0.5)
+  assert nir.key("sysu_mm01") != old_key
+  with pytest.raises(ValueError, match=r"data.synthetic.nir=1.2 must be in \[0, 1\]"):
+    prepare_lib.SyntheticSpec(**_SPEC, nir=1.2)
+  with pytest.raises(ValueError, match="SYSU-MM01 layout only"):
+    prepare_lib.write_synthetic("regdb", nir, root=tmp_path)
+  assert not any(tmp_path.iterdir())

@@ -142,6 +142,82 @@ def test_thermal_ignores_colour_but_not_material(seed):
   assert np.array_equal(base[..., 0], base[..., 1]) and np.array_equal(base[..., 0], base[..., 2])
 
 
+def _ir(person, pose, nir, **camera):
+  cam = render_lib.Camera("ir", 64, 32, nir=nir, **camera)
+  return render_lib.render(person, pose, cam, np.random.default_rng(7)).astype(np.float64)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_near_infrared_is_a_mix_of_heat_and_visible_lightness(seed):
+  """On the body, the nir = w image is (1 - w) x the thermal one + w x the all-reflected one
+  (no blur, no noise: the mix is linear before shading and gain); the background does not move;
+  at nir = 1 a garment's lightness shows and its hue does not."""
+  person, pose = _person_and_pose(seed)
+  exact = dict(blur=0.0, noise=0.0, gain=1.1)
+  thermal, half, reflected = (_ir(person, pose, w, **exact) for w in (0.0, 0.5, 1.0))
+  body = render_lib.layout(person, pose, render_lib.Camera("ir", 64, 32))[0] > 0
+  assert np.abs(half - (0.5 * thermal + 0.5 * reflected))[body].max() <= 1.0  # uint8 rounding
+  assert np.array_equal(thermal[~body], reflected[~body])
+  assert np.abs(reflected - thermal)[body].max() > 20
+  # Each part's reflected light is the luma of its visible colour: a grey of the same luma
+  # leaves the image as it is (to one level), a lighter garment brightens only its own pixels.
+  luma = lambda rgb: float(np.dot(rgb, [0.299, 0.587, 0.114]))
+  grey = dataclasses.replace(person, upper_rgb=(luma(person.upper_rgb),) * 3,
+                             upper_rgb2=(luma(person.upper_rgb2),) * 3)
+  assert np.abs(_ir(grey, pose, 1.0, **exact) - reflected).max() <= 1.0
+  lab, pattern, _ = render_lib.layout(person, pose, render_lib.Camera("ir", 64, 32))
+  lighter = dataclasses.replace(person, lower_rgb=(1.0, 1.0, 1.0), lower_rgb2=(1.0, 1.0, 1.0))
+  moved = np.abs(_ir(lighter, pose, 1.0, **exact) - reflected)[..., 0] > 1.0
+  assert moved.sum() > 20 and np.all(lab[moved] == render_lib.LOWER)
+  # The pattern's second colour shows where the pattern is on, and only there.
+  stripes = dataclasses.replace(person, upper_rgb2=(1.0, 1.0, 1.0))
+  moved = np.abs(_ir(stripes, pose, 1.0, **exact) - reflected)[..., 0] > 1.0
+  assert moved.sum() > 10 and np.all((lab == render_lib.UPPER)[moved] & pattern[moved])
+
+
+def test_near_infrared_weight_is_checked():
+  person, pose = _person_and_pose(0)
+  with pytest.raises(ValueError, match=r"nir=1\.5 must be in \[0, 1\]"):
+    _ir(person, pose, 1.5)
+  with pytest.raises(ValueError, match="nir=-0.1 must be in"):
+    synthetic.write_sysu_mm01(pathlib.Path("/nonexistent/never"), nir=-0.1)
+
+
+def test_sysu_near_infrared_changes_only_the_infrared_cameras(sysu, tmp_path):
+  nir = synthetic.write_sysu_mm01(tmp_path / "nir", **_SMALL, seed=3, nir=0.5)
+  a, b = _tree_hashes(sysu), _tree_hashes(nir)
+  assert a.keys() == b.keys()
+  for name in a:
+    cam = re.match(r"cam(\d)/", name)
+    same = a[name] == b[name]
+    assert same == (cam is None or int(cam.group(1)) in _RGB), name
+
+
+def test_near_infrared_carries_identity_across_modalities(tmp_path):
+  """Grey-pixel distances between an infrared and a visible image are smaller for the same
+  person than for different people with nir = 0.7; thermal-only images give no such gap."""
+  gaps = {}
+  for nir in (0.0, 0.7):
+    root = synthetic.write_sysu_mm01(tmp_path / f"s{nir}", num_identities=12,
+                                     images_per_camera=3, height=64, width=32, seed=5, nir=nir)
+    feats = {}
+    for modality, cams in (("rgb", _RGB), ("ir", _IR)):
+      x, ids = [], []
+      for c in cams:
+        for path in sorted((root / f"cam{c}").glob("*/*.jpg")):
+          img = Image.open(path).convert("L").resize((8, 16), Image.BILINEAR)
+          x.append(np.asarray(img, np.float32).ravel())
+          ids.append(int(path.parent.name))
+      x = np.stack(x)
+      x = x - x.mean(0)  # each modality's mean image (its background, its gain) removed
+      feats[modality] = (x / np.linalg.norm(x, axis=1, keepdims=True), np.array(ids))
+    (xi, yi), (xv, yv) = feats["ir"], feats["rgb"]
+    dist = np.linalg.norm(xi[:, None] - xv[None], axis=-1)
+    same = yi[:, None] == yv[None]
+    gaps[nir] = dist[~same].mean() - dist[same].mean()
+  assert gaps[0.7] > 0.05 and gaps[0.7] > 3 * abs(gaps[0.0]), gaps
+
+
 def test_visible_depends_on_colour():
   person, pose = _person_and_pose(0)
   cam = render_lib.Camera("rgb", 64, 32, blur=0.0)  # no blur: changes stay on the garment
