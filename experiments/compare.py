@@ -38,6 +38,7 @@ from experiments import cli
 from experiments import launch
 from experiments import mmm as mmm_driver
 from experiments.configs import bdf as bdf_configs
+from experiments.configs import compare as compare_configs
 from experiments.configs import maum as maum_configs
 from experiments.configs import mmm as mmm_configs
 from experiments.configs import mpanet as mpanet_configs
@@ -46,8 +47,7 @@ from maumjax.errors import UserError
 CONFIGS = {"maum": maum_configs, "mpanet": mpanet_configs, "bdf": bdf_configs,
            "mmm": mmm_configs}
 SAMPLERS = ("agw", "official")  # maumjax.eval.gallery.SAMPLINGS (that module imports scipy)
-# `pretrained` value: a backbone per arch pretrained by experiments.pretrain in the workdir.
-SYNTHETIC_BACKBONE = "synthetic"
+SYNTHETIC_BACKBONE = compare_configs.SYNTHETIC_BACKBONE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +95,63 @@ def _numbers(text: str, field: str, kind: type) -> list:
                     f"e.g. '0,1,2'") from None
 
 
+# What every run shares (the data, the seeds, the protocol): `overrides` may not change it.
+_SHARED = ("seed", "eval.", "data.synthetic.", "data.manual_dir", "data.name",
+           "data.pipeline.seed", "data.pipeline.imbalance_fraction",
+           "data.pipeline.epoch_fraction")
+
+
+def parse_overrides(text: str) -> dict[str, list[tuple[str, Any]]]:
+  """`overrides`: 'METHOD.FIELD=VALUE,...' -> {method: [(field, value), ...]}.
+
+  FIELD is a dotted path in the method's config (e.g. `mmm.mmm.eps=0.45` sets MMM's
+  `config.mmm.eps`). VALUE is a Python literal (a number, True / False, a quoted string);
+  anything else is taken as a string.
+
+  Raises:
+    UserError: an item without METHOD.FIELD=VALUE, an unknown method, or a field every run
+      shares (seed, eval, the data and its fraction).
+  """
+  import ast
+
+  out: dict[str, list[tuple[str, Any]]] = {}
+  for item in (s.strip() for s in str(text).split(",")):
+    if not item:
+      continue
+    key, sep, raw = item.partition("=")
+    method, dot, field = key.strip().partition(".")
+    if not (sep and dot and field):
+      raise UserError(f"config.overrides item {item!r}: expected METHOD.FIELD=VALUE, e.g. "
+                      "mmm.mmm.eps=0.45")
+    if method not in CONFIGS:
+      raise UserError(f"config.overrides item {item!r}: unknown method {method!r}; the "
+                      f"methods are {', '.join(CONFIGS)}")
+    if any(field == p.rstrip(".") or field.startswith(p) for p in _SHARED):
+      raise UserError(f"config.overrides item {item!r}: {field} is shared by every run of the "
+                      "comparison; set it with the compare config's own fields (seeds, eval.*, "
+                      "data.*, imbalance)")
+    try:
+      value = ast.literal_eval(raw.strip())
+    except (ValueError, SyntaxError):
+      value = raw.strip()
+    out.setdefault(method, []).append((field, value))
+  return out
+
+
+def _override(config, method: str, field: str, value: Any) -> None:
+  *path, last = field.split(".")
+  node = config
+  for part in path:
+    node = node.get(part) if hasattr(node, "get") else None
+  if not hasattr(node, "get") or last not in node:
+    raise UserError(f"config.overrides: {method}'s config has no field {field!r} (see "
+                    f"experiments/configs/{method}.py)")
+  try:
+    node[last] = value
+  except TypeError as e:
+    raise UserError(f"config.overrides: {method}.{field}={value!r}: {e}") from None
+
+
 def _leaves(config, prefix: str = ""):
   for key, value in config.items():
     if hasattr(value, "items"):
@@ -135,7 +192,8 @@ def plan(config) -> list[Run]:
 
   Raises:
     UserError: an unknown method or row (the message lists the valid ones), an empty or
-      malformed list, a fraction outside (0, 1], an unknown budget or sampler.
+      malformed list, a fraction outside (0, 1], an unknown budget or sampler, a bad
+      `overrides` item.
   """
   methods = _items(config.methods, "methods")
   unknown = [m for m in methods if m not in CONFIGS]
@@ -148,6 +206,12 @@ def plan(config) -> list[Run]:
   if bad:
     raise UserError(f"config.imbalance={config.imbalance!r}: infrared fractions must be in "
                     f"(0, 1] (1.0 = balanced); got {bad}")
+  overrides = parse_overrides(config.overrides)
+  if config.pretrained == SYNTHETIC_BACKBONE and config.data.manual_dir:
+    raise UserError(f"config.pretrained={SYNTHETIC_BACKBONE!r} is the synthetic data's stand-in "
+                    f"for ImageNet, and config.data.manual_dir={config.data.manual_dir!r} is "
+                    "real data: give the ImageNet file, --config.pretrained=/path/to/"
+                    "resnet50-0676ba61.pth (or '' to train from scratch)")
   samplers = _items(config.eval.samplers, "eval.samplers")
   if any(s not in SAMPLERS for s in samplers):
     raise UserError(f"config.eval.samplers={config.eval.samplers!r}: the SYSU-MM01 gallery "
@@ -165,7 +229,8 @@ def plan(config) -> list[Run]:
         for seed in seeds:
           c = method_config(method, config.budget, row)
           c.seed = seed
-          c.data.pipeline.update(seed=seed, imbalance_fraction=fraction)
+          c.data.pipeline.update(seed=seed, imbalance_fraction=fraction,
+                                 epoch_fraction=config.epoch_fraction)
           if config.data.manual_dir:
             c.data.manual_dir = config.data.manual_dir
           c.data.synthetic.update({k: v for k, v in config.data.synthetic.items() if v >= 0})
@@ -174,6 +239,8 @@ def plan(config) -> list[Run]:
           c.eval.update(trials=config.eval.trials, modes=tuple(config.eval.modes),
                         shots=tuple(config.eval.shots), sampling=samplers[0],
                         num_ranked=config.eval.num_ranked)
+          for field, value in overrides.get(method, ()):
+            _override(c, method, field, value)
           runs.append(Run(method, row, fraction, seed, c, (i, j)))
   return runs
 
@@ -259,11 +326,15 @@ def _link_stages(run: Run, source: Run, stages: list[str], workdir: Path) -> Non
 
 def synthetic_backbones(config, runs: list[Run], workdir: Path) -> dict[str, Path]:
   """`pretrained='synthetic'`: one `experiments.pretrain` backbone per (arch, image size) of
-  the runs, in `<workdir>/pretrained/` (made once), set as each run's `model.pretrained`.
+  the runs, in `<workdir>/pretrained/`, set as each run's `model.pretrained`. A backbone is
+  trained once per config into the cache (`pretrain.cache_file`) and copied from there, so
+  another comparison with the same `pretrain.*` fields reuses it.
 
   Returns:
     {file name: path} of the backbones.
   """
+  import shutil
+
   from experiments import pretrain
 
   made = {}
@@ -274,11 +345,24 @@ def synthetic_backbones(config, runs: list[Run], workdir: Path) -> dict[str, Pat
       if path.is_file():
         print(f"pretrained backbone: {path} (made earlier)")
       else:
-        print(f"pretrained backbone: training {arch} at {height}x{width} into {path}")
-        summary = pretrain.pretrain_backbone(path, pretrain.PretrainConfig(
-            arch=arch, height=height, width=width, **config.pretrain.to_dict()))
-        print(f"pretrained backbone: {summary['classes']} classes, train accuracy "
-              f"{summary['train_accuracy']:.2f}, {summary['seconds']:.0f} s")
+        pconfig = pretrain.PretrainConfig(arch=arch, height=height, width=width,
+                                          nir=run.config.data.synthetic.nir,
+                                          **config.pretrain.to_dict())
+        cached = pretrain.cache_file(pconfig)
+        if cached.is_file():
+          print(f"pretrained backbone: {path} from {cached} (made earlier)")
+        else:
+          print(f"pretrained backbone: training {arch} at {height}x{width} into {cached}")
+          summary = pretrain.pretrain_backbone(cached, pconfig)
+          print(f"pretrained backbone: {summary['classes']} classes, train accuracy "
+                f"{summary['train_accuracy']:.2f}, {summary['seconds']:.0f} s")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for suffix in (".json", ""):  # the weights last: their presence means done
+          source = Path(f"{cached}{suffix}")
+          if source.is_file():
+            partial = Path(f"{path}{suffix}.partial")
+            shutil.copyfile(source, partial)
+            partial.replace(f"{path}{suffix}")
       made[path.name] = path
     run.config.model.pretrained = str(path)
   return made

@@ -8,7 +8,7 @@ bench's data has seed 0), and writes its backbone as a torchvision state dict, w
 method loads through `--config.model.pretrained` like the ImageNet file:
 
   python -m experiments.pretrain --out=runs/pretrained/tiny.safetensors [--arch=tiny]
-      [--num_identities=400] [--seed=1000] [--steps=1500] [--labels=separate]
+      [--num_identities=400] [--seed=1000] [--steps=1500] [--labels=separate] [--nir=0.5]
 
 labels: 'separate' (default) gives each (person, modality) its own class, so the backbone
 learns to tell people apart within each modality but is never shown which visible and which
@@ -21,7 +21,9 @@ gives).
 The run is a function of its arguments: the same arguments give the same file (on one
 machine), and the file is written to a temporary sibling and renamed, so an interrupted run
 leaves none. `experiments.compare` calls `pretrain_backbone` once per architecture when its
-`pretrained` field is 'synthetic'.
+`pretrained` field is 'synthetic' (its default bench: `labels=joint`, the bench data's `nir`),
+into the cache (`cache_file`: a file per config, so later comparisons copy it instead of
+training again).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class PretrainConfig:
     num_identities: people in the synthetic SYSU-MM01 tree (its train split is used).
     images_per_camera: images per (camera, person) folder.
     seed: the generator seed; not the bench data's (0), so the people differ.
+    nir: the generator's near-infrared weight (`maumjax.data.synthetic.write_sysu_mm01`); the
+      bench passes its data's, so the cameras are alike while the people differ.
     height, width: the image size the methods train at.
     labels: 'separate' or 'visible' (module docstring).
     steps, batch_size, lr, weight_decay: SGD (Nesterov momentum 0.9) with a cosine decay from
@@ -54,6 +58,7 @@ class PretrainConfig:
   num_identities: int = 400
   images_per_camera: int = 10
   seed: int = 1000
+  nir: float = 0.0
   height: int = 64
   width: int = 32
   labels: str = "separate"
@@ -87,7 +92,7 @@ def _training_images(config: PretrainConfig):
   spec = prepare.SyntheticSpec(num_identities=config.num_identities,
                                images_per_camera=config.images_per_camera,
                                height=2 * config.height, width=2 * config.width,
-                               seed=config.seed)
+                               seed=config.seed, nir=config.nir)
   ds = prepare.prepare_dataset("sysu_mm01", height=config.height, width=config.width,
                                synthetic=spec)
   source = pipeline.open_train_source(ds.builder)
@@ -99,6 +104,19 @@ def _training_images(config: PretrainConfig):
   # 'separate': (person, modality) pairs are the classes; 'visible', 'joint': persons.
   key = meta["label"][index] * 2 + (meta["modality"][index] if config.labels == "separate" else 0)
   return images, np.unique(key, return_inverse=True)[1].astype(np.int32)
+
+
+def cache_file(config: PretrainConfig) -> Path:
+  """Where the backbone of `config` is kept for reuse: `<cache>/pretrained/<arch>_<H>x<W>-<key>
+  .safetensors`, the key a hash of every field (a run is a function of its config)."""
+  import hashlib
+
+  from maumjax.data import prepare
+
+  blob = json.dumps(dataclasses.asdict(config), sort_keys=True)
+  key = hashlib.sha1(blob.encode()).hexdigest()[:10]
+  return (prepare.cache_root() / "pretrained"
+          / f"{config.arch}_{config.height}x{config.width}-{key}.safetensors")
 
 
 def pretrain_backbone(out: str | Path, config: PretrainConfig = PretrainConfig()) -> dict[str, Any]:

@@ -76,6 +76,9 @@ class PipelineConfig:
     steps_per_epoch: epoch length; 0 keeps the sampler's own (its docstring gives the
       formula), > 0 fixes it (e.g. MMM's `--iters`, doubled for stage 2's two steps per
       iteration). The `steps_per_epoch` argument of `make_train_pipeline` wins when given.
+    epoch_fraction: the epoch is this fraction (> 0) of the length above (the sampler's own
+      or `steps_per_epoch`), at least one step: 0.5 halves every run's steps and keeps its
+      schedule, which counts in epochs (a shorter budget of the same shape).
     warm_epochs: epochs [0, warm_epochs) are drawn by the 'all' sampler whatever `sampler`
       says, with the main sampler's epoch length (MMM final stage's CE warm-up, mmm.md §7.2);
       0 is off.
@@ -96,6 +99,7 @@ class PipelineConfig:
   seed: int = 0
   sampler: str = "agw"
   steps_per_epoch: int = 0
+  epoch_fraction: float = 1.0
   warm_epochs: int = 0
 
   def __post_init__(self):
@@ -114,6 +118,8 @@ class PipelineConfig:
       raise ValueError(f"steps_per_epoch={self.steps_per_epoch} and warm_epochs="
                        f"{self.warm_epochs} must be >= 0 (0: the sampler's own length / no "
                        "warm-up)")
+    if not self.epoch_fraction > 0:
+      raise ValueError(f"epoch_fraction={self.epoch_fraction} must be > 0 (1.0: whole epochs)")
 
 
 def read_metadata(source: Sequence[dict[str, Any]], *, chunk: int = 1024) -> dict[str, np.ndarray]:
@@ -479,8 +485,11 @@ def make_sampler(config: PipelineConfig, meta: dict[str, np.ndarray], keep: np.n
   """
   kwargs = dict(num_identities=config.num_identities, num_instances=config.num_instances,
                 seed=config.seed, keep=keep, camera=meta["camera"])
-  sampler = sampler_lib.SAMPLERS[config.sampler](meta["label"], meta["modality"],
-                                                 steps_per_epoch=steps_per_epoch, **kwargs)
+  make = sampler_lib.SAMPLERS[config.sampler]
+  sampler = make(meta["label"], meta["modality"], steps_per_epoch=steps_per_epoch, **kwargs)
+  if config.epoch_fraction != 1.0:
+    steps = max(1, round(config.epoch_fraction * sampler.steps_per_epoch))
+    sampler = make(meta["label"], meta["modality"], steps_per_epoch=steps, **kwargs)
   if config.warm_epochs > 0:
     warm = sampler_lib.AllSampler(meta["label"], meta["modality"],
                                   steps_per_epoch=sampler.steps_per_epoch, **kwargs)

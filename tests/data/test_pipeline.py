@@ -192,3 +192,21 @@ def test_config_errors_list_choices():
     pipeline_lib.PipelineConfig(cache="disk")
   with pytest.raises(ValueError):
     pipeline_lib.PipelineConfig(augment_rgb="no-such-preset")
+
+
+@pytest.mark.parametrize("sampler", ["agw", "mpanet"])
+def test_epoch_fraction_shortens_the_epoch_and_only_that(source, sampler):
+  """The epoch is the sampler's own length times the fraction (at least one step); a fixed
+  length is scaled too."""
+  base = dict(num_identities=2, num_instances=2, num_threads=1, sampler=sampler)
+  whole = pipeline_lib.make_train_pipeline(source, pipeline_lib.PipelineConfig(**base),
+                                           shard_index=0, shard_count=1)
+  natural = whole.steps_per_epoch
+  assert natural >= 3
+  for fraction, fixed, expected in ((0.5, 0, max(1, round(natural / 2))), (0.3, 10, 3),
+                                    (0.01, 0, 1), (2.0, 0, 2 * natural)):
+    cfg = pipeline_lib.PipelineConfig(**base, steps_per_epoch=fixed, epoch_fraction=fraction)
+    pipe = pipeline_lib.make_train_pipeline(source, cfg, shard_index=0, shard_count=1)
+    assert pipe.steps_per_epoch == expected, (fraction, fixed)
+  with pytest.raises(ValueError, match="epoch_fraction=0.0 must be > 0"):
+    pipeline_lib.PipelineConfig(**base, epoch_fraction=0.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -99,11 +100,13 @@ def test_the_official_sampler_is_skipped_on_the_synthetic_data(capsys):
 
 def test_synthetic_generator_settings_apply_to_every_run():
   config = _config()
-  config.data.synthetic.update(seed=7, num_identities=24)
+  config.data.synthetic.update(seed=7, num_identities=24, nir=0.5)
   for run in compare.plan(config):
     assert (run.config.data.synthetic.seed, run.config.data.synthetic.num_identities,
-            run.config.data.synthetic.images_per_camera) == (7, 24, 10), run.method
-  assert {r.config.data.synthetic.num_identities for r in compare.plan(_config())} == {16}
+            run.config.data.synthetic.images_per_camera,
+            run.config.data.synthetic.nir) == (7, 24, 10, 0.5), run.method
+  assert {(r.config.data.synthetic.num_identities, r.config.data.synthetic.nir)
+          for r in compare.plan(_config())} == {(16, 0.0)}
 
 
 def test_multi_shot_on_too_few_synthetic_images_is_refused_before_training(tmp_path):
@@ -251,3 +254,43 @@ def test_the_command_line_refuses_an_unknown_method_before_any_work(tmp_path):
   assert proc.returncode == 2
   assert "unknown method(s) agw" in proc.stderr + proc.stdout
   assert not (tmp_path / "work").exists() and not (tmp_path / "cache").exists()
+
+
+def test_overrides_set_one_methods_field_and_refuse_shared_or_unknown_ones():
+  config = _config()
+  config.methods = "maum,bdf"
+  config.overrides = "maum.optim.lr=0.125, bdf.num_epochs=3,maum.model.dtype=bfloat16"
+  runs = compare.plan(config)
+  for run in runs:
+    lr, epochs = run.config.optim.lr, run.config.num_epochs
+    default = compare.method_config(run.method, "smoke", run.row)
+    assert lr == (0.125 if run.method == "maum" else default.optim.lr), run
+    assert epochs == (3 if run.method == "bdf" else default.num_epochs), run
+    assert run.config.model.dtype == ("bfloat16" if run.method == "maum"
+                                      else default.model.dtype)
+  for text, message in (("maum.optim.lr", "expected METHOD.FIELD=VALUE"),
+                        ("nosuch.optim.lr=1", "unknown method 'nosuch'"),
+                        ("maum.optim.lrr=1", "no field 'optim.lrr'"),
+                        ("maum.nosuch.lr=1", "no field 'nosuch.lr'"),
+                        ("maum.seed=3", "shared by every run"),
+                        ("bdf.eval.trials=1", "shared by every run"),
+                        ("bdf.data.synthetic.seed=4", "shared by every run"),
+                        ("bdf.data.pipeline.imbalance_fraction=0.5", "shared by every run"),
+                        ("maum.optim.lr='fast'", "maum.optim.lr='fast'")):
+    config.overrides = text
+    with pytest.raises(UserError, match=re.escape(message)):
+      compare.plan(config)
+
+
+def test_the_synthetic_bench_is_near_infrared_and_pretrained_and_refuses_that_on_real_data():
+  config = compare_configs.get_config()
+  runs = compare.plan(config)
+  assert {r.config.data.synthetic.nir for r in runs} == {0.5}
+  assert {r.config.mmm.eps for r in runs if r.method == "mmm"} == {0.45}
+  assert {r.method for r in runs} == {"maum", "mpanet", "bdf", "mmm"}
+  assert (config.pretrained, config.pretrain.labels) == ("synthetic", "joint")
+  config.data.manual_dir = "/data/sysu"
+  with pytest.raises(UserError, match="resnet50-0676ba61.pth"):
+    compare.plan(config)
+  config.pretrained = ""
+  assert all(r.config.data.manual_dir == "/data/sysu" for r in compare.plan(config))

@@ -85,19 +85,30 @@ def test_compare_makes_one_backbone_per_arch_once(tmp_path, monkeypatch, capsys)
   made = []
 
   def stand_in(out, config):  # pretraining itself is tested above
-    made.append((config.arch, config.height, config.width, config.labels))
+    made.append((config.arch, config.height, config.width, config.labels, config.nir))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(b"weights")
     return {"classes": 2, "train_accuracy": 1.0, "seconds": 0.0}
 
   monkeypatch.setattr(pretrain, "pretrain_backbone", stand_in)
+  monkeypatch.setenv("MAUMJAX_CACHE", str(tmp_path / "cache"))
   config = compare_configs.get_config("smoke")
   config.methods, config.seeds, config.pretrained = "maum,mpanet", "0,1", "synthetic"
   config.pretrain.labels = "joint"
+  config.data.synthetic.nir = 0.25  # the bench data's camera model, other people
   runs = compare.plan(config)
   assert {r.config.model.pretrained for r in runs} == {""}  # set once the workdir is known
   paths = compare.synthetic_backbones(config, runs, tmp_path)
-  assert made == [("tiny", 32, 16, "joint")]  # both smoke presets: a tiny ResNet at 32x16
+  assert made == [("tiny", 32, 16, "joint", 0.25)]  # both smoke presets: a tiny ResNet at 32x16
   assert {r.config.model.pretrained for r in runs} == {str(paths["tiny_32x16.safetensors"])}
+  assert paths["tiny_32x16.safetensors"].read_bytes() == b"weights"
   compare.synthetic_backbones(config, compare.plan(config), tmp_path)
   assert len(made) == 1 and "made earlier" in capsys.readouterr().out
+  # Another comparison with the same pretrain fields copies the cached file; other fields
+  # (here the generator's near-infrared weight) train their own.
+  other = compare.synthetic_backbones(config, compare.plan(config), tmp_path / "other")
+  assert len(made) == 1 and other["tiny_32x16.safetensors"].read_bytes() == b"weights"
+  assert "from " in capsys.readouterr().out
+  config.data.synthetic.nir = 0.5
+  compare.synthetic_backbones(config, compare.plan(config), tmp_path / "third")
+  assert made[-1] == ("tiny", 32, 16, "joint", 0.5) and len(made) == 2
