@@ -92,6 +92,36 @@ def _leaves(tree):
       yield from _leaves(value)
 
 
+def data_of(config: dict[str, Any]) -> dict[str, Any]:
+  """What a run trained on and started from, from its config.json: the dataset, the synthetic
+  generator's settings (or the real data's folder), the pretrained file's name."""
+  data = config["data"]
+  out = {"dataset": data["name"]}
+  if data.get("manual_dir"):
+    out["manual_dir"] = data["manual_dir"]
+  else:
+    keys = ("seed", "num_identities", "images_per_camera" if data["name"] == "sysu_mm01"
+            else "images_per_modality", "nir")
+    out["synthetic"] = {k: data["synthetic"].get(k, 0.0) for k in keys}
+  out["pretrained"] = Path(config["model"].get("pretrained") or "").name
+  return out
+
+
+def data_line(runs: list[dict[str, Any]]) -> str:
+  """report.md's line on the data and the start of every run (each distinct value once)."""
+  parts = []
+  for d in {json.dumps(r["data"], sort_keys=True): r["data"] for r in runs}.values():
+    if "synthetic" in d:
+      g = d["synthetic"]
+      per = g.get("images_per_camera", g.get("images_per_modality"))
+      source = (f"synthetic {d['dataset']} (generator seed {g['seed']}, {g['num_identities']} "
+                f"identities, {per} images per folder, near-infrared weight {g['nir']})")
+    else:
+      source = f"{d['dataset']} from {d['manual_dir']}"
+    parts.append(f"{source}, {'pretrained ' + d['pretrained'] if d['pretrained'] else 'from scratch'}")
+  return "Data and start: " + "; ".join(sorted(set(parts))) + "."
+
+
 def read_run(workdir: Path, folder: Path) -> dict[str, Any] | None:
   """One run's record for report.json (paths relative to `workdir`); None when its result is
   not there yet."""
@@ -119,6 +149,7 @@ def read_run(workdir: Path, folder: Path) -> dict[str, Any] | None:
       "ranked_png": str((result.parent / "eval" / f"ranked_{metrics['protocol']['dataset']}.png")
                         .relative_to(workdir)),
       "sampler": protocol_of(metrics)["sampler"],
+      "data": data_of(config),
       "evaluations": evaluations,
   }
 
@@ -172,8 +203,8 @@ def protocol_line(protocols: list[dict[str, Any]]) -> str:
                                                         enumerate(texts)) + "."
 
 
-def _markdown(rows, protocols) -> str:
-  lines = ["# Method comparison", "", protocol_line(protocols), "",
+def _markdown(rows, protocols, runs) -> str:
+  lines = ["# Method comparison", "", protocol_line(protocols), "", data_line(runs), "",
            "Percent; mean ± standard deviation over seeds (ddof 1).", ""]
   sections = dict.fromkeys((r["imbalance"], r["sampler"]) for r in rows)
   for imbalance, sampler in sections:
@@ -344,7 +375,7 @@ def write_report(workdir: str | Path) -> dict[str, Any]:
   ranked_png, ranked = _ranked(runs, workdir, 1.0 if 1.0 in fractions else fractions[0])
   if ranked_png is not None:
     files.append(ranked_png)
-  table = _markdown(rows, protocols)
+  table = _markdown(rows, protocols, runs)
   (out / "report.md").write_text(table)
   record = {"units": "percent",
             "std": "sample standard deviation over seeds (ddof 1); null with one seed",

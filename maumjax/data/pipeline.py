@@ -78,7 +78,8 @@ class PipelineConfig:
       iteration). The `steps_per_epoch` argument of `make_train_pipeline` wins when given.
     epoch_fraction: the epoch is this fraction (> 0) of the length above (the sampler's own
       or `steps_per_epoch`), at least one step: 0.5 halves every run's steps and keeps its
-      schedule, which counts in epochs (a shorter budget of the same shape).
+      schedule, which counts in epochs (a shorter budget of the same shape). A length given
+      to `make_train_pipeline` is used as it is.
     warm_epochs: epochs [0, warm_epochs) are drawn by the 'all' sampler whatever `sampler`
       says, with the main sampler's epoch length (MMM final stage's CE warm-up, mmm.md §7.2);
       0 is off.
@@ -466,8 +467,6 @@ def make_train_pipeline(source: Sequence[dict[str, Any]], config: PipelineConfig
                        f"record) or [{n}, L] (L >= 1 label columns)")
     keep = keep & (labels >= 0 if labels.ndim == 1 else np.any(labels >= 0, axis=1))
     meta = {**meta, "label": labels}
-  if steps_per_epoch is None and config.steps_per_epoch > 0:
-    steps_per_epoch = config.steps_per_epoch
   sampler = make_sampler(config, meta, keep, steps_per_epoch=steps_per_epoch)
   if store is None:
     cache = np.flatnonzero(keep) if config.cache == "ram" else None
@@ -481,13 +480,18 @@ def make_sampler(config: PipelineConfig, meta: dict[str, np.ndarray], keep: np.n
 
   `config.sampler` picks the class from `sampler_lib.SAMPLERS`; with `config.warm_epochs` > 0
   it is wrapped in a `sampler_lib.WarmupSampler` whose first epochs come from an 'all' sampler
-  of the same epoch length.
+  of the same epoch length. The epoch length is `steps_per_epoch` when given (a caller that
+  knows it already, e.g. the trainer relabelling mid-run), else the config's:
+  `config.steps_per_epoch` or the sampler's own, times `config.epoch_fraction`.
   """
   kwargs = dict(num_identities=config.num_identities, num_instances=config.num_instances,
                 seed=config.seed, keep=keep, camera=meta["camera"])
   make = sampler_lib.SAMPLERS[config.sampler]
+  from_config = steps_per_epoch is None
+  if from_config:
+    steps_per_epoch = config.steps_per_epoch or None
   sampler = make(meta["label"], meta["modality"], steps_per_epoch=steps_per_epoch, **kwargs)
-  if config.epoch_fraction != 1.0:
+  if from_config and config.epoch_fraction != 1.0:
     steps = max(1, round(config.epoch_fraction * sampler.steps_per_epoch))
     sampler = make(meta["label"], meta["modality"], steps_per_epoch=steps, **kwargs)
   if config.warm_epochs > 0:

@@ -208,5 +208,9 @@ def test_epoch_fraction_shortens_the_epoch_and_only_that(source, sampler):
     cfg = pipeline_lib.PipelineConfig(**base, steps_per_epoch=fixed, epoch_fraction=fraction)
     pipe = pipeline_lib.make_train_pipeline(source, cfg, shard_index=0, shard_count=1)
     assert pipe.steps_per_epoch == expected, (fraction, fixed)
+    # A length the caller gives (the trainer's, when it relabels mid-run) is not scaled again.
+    again = pipeline_lib.make_train_pipeline(source, cfg, shard_index=0, shard_count=1,
+                                             steps_per_epoch=pipe.steps_per_epoch)
+    assert again.steps_per_epoch == expected
   with pytest.raises(ValueError, match="epoch_fraction=0.0 must be > 0"):
     pipeline_lib.PipelineConfig(**base, epoch_fraction=0.0)

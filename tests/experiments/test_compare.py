@@ -192,6 +192,12 @@ def test_compare_trains_reports_and_retrains_nothing(tmp_path, monkeypatch, caps
     cells = " | ".join(f"{own[k]:.1f}" for k in METRICS)
     assert f"| {agg['method']} / {agg['row']} | {agg['setting']} | 1 | {cells} |" in table
   assert "Protocol: sysu_mm01" in table and "gallery sampler(s) agw" in table
+  own = json.loads((work / "runs/maum_maum/imb1.0/seed0/config.json").read_text())["data"]
+  g = own["synthetic"]
+  assert (f"Data and start: synthetic sysu_mm01 (generator seed {g['seed']}, "
+          f"{g['num_identities']} identities, {g['images_per_camera']} images per folder, "
+          f"near-infrared weight {g['nir']}), from scratch.") in table
+  assert by_name["maum_maum"]["data"]["synthetic"]["num_identities"] == 16
   for png in ("cmc_all-single.png", "map_bars.png", "ranked.png"):
     assert (work / "report" / png).stat().st_size > 0, png
   assert not (work / "report" / "imbalance.png").exists()  # one fraction
