@@ -87,8 +87,10 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
                                "nir": 0.5}}
   # Every method starts from a backbone pretrained on 400 other synthetic people with person
   # labels across both modalities (the bench's ImageNet) [I]; MMM's DBSCAN eps for the
-  # pretrained features, whose distances are shorter than those of a random start [I].
-  config.overrides = "mmm.mmm.eps=0.45"
+  # pretrained features, whose distances are shorter than those of a random start [I], and its
+  # final stage's backbone at 0.1 x the lr, as main.py for a pretrained start (its demo's 1.0
+  # is for random weights).
+  config.overrides = "mmm.mmm.eps=0.45,mmm.final.optim.backbone_lr_mult=0.1"
   config.pretrained = SYNTHETIC_BACKBONE
   config.pretrain = {"num_identities": 400, "seed": 1000, "steps": 1500, "labels": "joint"}
   config.eval = {"trials": 10, "modes": ("all", "indoor"), "shots": (1, 10),

@@ -292,7 +292,8 @@ def test_the_synthetic_bench_is_near_infrared_and_pretrained_and_refuses_that_on
   config = compare_configs.get_config()
   runs = compare.plan(config)
   assert {r.config.data.synthetic.nir for r in runs} == {0.5}
-  assert {r.config.mmm.eps for r in runs if r.method == "mmm"} == {0.45}
+  assert {(r.config.mmm.eps, r.config.final.optim.backbone_lr_mult)
+          for r in runs if r.method == "mmm"} == {(0.45, 0.1)}
   assert {r.method for r in runs} == {"maum", "mpanet", "bdf", "mmm"}
   assert (config.pretrained, config.pretrain.labels) == ("synthetic", "joint")
   config.data.manual_dir = "/data/sysu"
