@@ -109,8 +109,8 @@ def data_of(config: dict[str, Any]) -> dict[str, Any]:
 
 def data_line(runs: list[dict[str, Any]]) -> str:
   """report.md's line on the data and the start of every run (each distinct value once)."""
-  parts = []
-  for d in {json.dumps(r["data"], sort_keys=True): r["data"] for r in runs}.values():
+  starts: dict[str, set[str]] = {}  # data source -> the starts of the runs on it
+  for d in (r["data"] for r in runs):
     if "synthetic" in d:
       g = d["synthetic"]
       per = g.get("images_per_camera", g.get("images_per_modality"))
@@ -118,8 +118,14 @@ def data_line(runs: list[dict[str, Any]]) -> str:
                 f"identities, {per} images per folder, near-infrared weight {g['nir']})")
     else:
       source = f"{d['dataset']} from {d['manual_dir']}"
-    parts.append(f"{source}, {'pretrained ' + d['pretrained'] if d['pretrained'] else 'from scratch'}")
-  return "Data and start: " + "; ".join(sorted(set(parts))) + "."
+    starts.setdefault(source, set()).add(d["pretrained"])
+  parts = []
+  for source, names in sorted(starts.items()):
+    files = sorted(n for n in names if n)
+    start = ([f"pretrained {', '.join(files)}"] if files else []) + (
+        ["from scratch"] if "" in names else [])
+    parts.append(f"{source}, {' and '.join(start)}")
+  return "Data and start: " + "; ".join(parts) + "."
 
 
 def read_run(workdir: Path, folder: Path) -> dict[str, Any] | None:
