@@ -217,7 +217,7 @@ def plan(config) -> list[Run]:
     raise UserError(f"config.eval.samplers={config.eval.samplers!r}: the SYSU-MM01 gallery "
                     f"samplers are {', '.join(SAMPLERS)}")
   runs = []
-  for i, method in enumerate(methods):
+  for method in methods:
     rows = _items(config.rows[method], f"rows.{method}")
     bad = [r for r in rows if r not in CONFIGS[method].ROWS]
     if bad:
@@ -241,7 +241,9 @@ def plan(config) -> list[Run]:
                         num_ranked=config.eval.num_ranked)
           for field, value in overrides.get(method, ()):
             _override(c, method, field, value)
-          runs.append(Run(method, row, fraction, seed, c, (i, j)))
+          # The report's row order: the methods' own order (CONFIGS), whichever were asked
+          # for this time, so a later partial invocation does not reorder a workdir's report.
+          runs.append(Run(method, row, fraction, seed, c, (list(CONFIGS).index(method), j)))
   return runs
 
 

@@ -301,3 +301,11 @@ def test_the_synthetic_bench_is_near_infrared_and_pretrained_and_refuses_that_on
     compare.plan(config)
   config.pretrained = ""
   assert all(r.config.data.manual_dir == "/data/sysu" for r in compare.plan(config))
+
+
+def test_report_order_is_the_methods_own_whatever_an_invocation_asks_for():
+  config = _config()
+  config.methods = "mmm,maum"
+  orders = {(r.method, r.row): r.order for r in compare.plan(config)}
+  assert orders == {("maum", "maum"): (0, 0), ("maum", "baseline"): (0, 1),
+                    ("mmm", "full"): (3, 0), ("mmm", "cmc"): (3, 1)}
