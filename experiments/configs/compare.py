@@ -3,10 +3,16 @@
 Trains every method's key row and its baseline row on the same data, seeds and evaluation
 protocol, then writes one report (experiments/compare.py has the layout). Presets:
 
-  synthetic (default)  each method's `synthetic_<row>` preset (the CPU demos: 1.3-2.4 minutes a
-                       run on the 2-core VM, MMM's full row 3.4-3.8 with the CMC row's stages
-                       shared; measured 17 minutes a seed, about 50 for the default 3 seeds),
-                       the full SYSU-MM01 protocol (10 trials, all/indoor x single/multi-shot).
+  synthetic (default)  each method's `synthetic_<row>` preset (the CPU demos) on synthetic data
+                       with near-infrared cameras (data.synthetic.nir=0.5), every method
+                       started from a backbone pretrained on other synthetic people
+                       (pretrained='synthetic', pretrain.labels='joint'), MMM's eps and
+                       final-stage backbone factor set for that start (overrides); the full
+                       SYSU-MM01 protocol (10 trials, all/indoor x single/multi-shot). About
+                       50 minutes for the default 3 seeds on the 2-core VM (1.2-2.2 minutes a
+                       run, MMM's full row about 3.4 with the CMC row's stages shared, plus
+                       the backbones' pretraining, cached once per config); README "Compare
+                       methods" has the measured table.
   smoke                each method's `smoke` preset, one seed, one trial of all-search
                        single-shot (tests and quick checks).
 
