@@ -77,14 +77,14 @@ def _tint(rng: np.random.Generator) -> tuple[float, float, float]:
 
 
 def _camera(modality: str, height: int, width: int, rng: np.random.Generator, *,
-            clutter: int = 0) -> render_lib.Camera:
+            clutter: int = 0, nir: float = 0.0) -> render_lib.Camera:
   view = dict(height=height, width=width, scale=float(rng.uniform(0.88, 1.06)),
               offset_y=float(rng.uniform(-0.04, 0.04)))
   if modality == "ir":
     return render_lib.Camera(
       "ir", **view, noise=float(rng.uniform(0.015, 0.03)), blur=float(rng.uniform(0.6, 1.0)),
       gain=float(rng.uniform(0.85, 1.15)), ambient=float(rng.uniform(0.12, 0.25)),
-      clutter=clutter)
+      clutter=clutter, nir=float(nir))
   return render_lib.Camera(
     "rgb", **view, noise=float(rng.uniform(0.01, 0.025)), tint=_tint(rng),
     brightness=float(rng.uniform(0.8, 1.15)), contrast=float(rng.uniform(0.8, 1.2)),
@@ -103,9 +103,7 @@ def sysu_cameras(height: int, width: int, seed: int,
   for cam, (fh, fw) in SYSU_SIZE_FACTORS.items():
     modality = "ir" if cam in IR_CAMERAS else "rgb"
     cams[cam] = _camera(modality, max(8, round(height * fh)), max(4, round(width * fw)),
-                        _rng(seed, _CAMERA, cam), clutter=3 if cam == 6 else 0)
-    if modality == "ir":
-      cams[cam] = dataclasses.replace(cams[cam], nir=float(nir))
+                        _rng(seed, _CAMERA, cam), clutter=3 if cam == 6 else 0, nir=nir)
   return cams
 
 
@@ -216,9 +214,6 @@ def write_sysu_mm01(out_dir: str | os.PathLike, *, num_identities: int = 40,
     FileExistsError: `out_dir` exists and is not empty.
   """
   _check_sizes(images_per_camera=images_per_camera, height=height, width=width, seed=seed)
-  if not 0.0 <= nir <= 1.0:
-    raise ValueError(f"nir={nir!r} must be in [0, 1]: the weight of reflected near-infrared "
-                     "light in the infrared images (0 = thermal only)")
   if images_per_camera > 9999:
     raise ValueError(f"images_per_camera={images_per_camera} exceeds 9999 (4-digit file names)")
   splits, cameras = sysu_plan(num_identities, seed)

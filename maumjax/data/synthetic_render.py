@@ -122,6 +122,11 @@ class Camera:
   clutter: int = 0  # lukewarm background objects per thermal image
   nir: float = 0.0  # ir: weight of reflected near-infrared light on the body (0 = thermal only)
 
+  def __post_init__(self):
+    if not 0.0 <= self.nir <= 1.0:
+      raise ValueError(f"camera nir={self.nir!r} must be in [0, 1]: the weight of reflected "
+                       "near-infrared light in the infrared images (0 = thermal only)")
+
 
 def _colour(rng: np.random.Generator, lo: float = 0.05, hi: float = 0.95) -> Rgb:
   return tuple(float(c) for c in rng.uniform(lo, hi, 3))
@@ -346,8 +351,6 @@ def render(person: Person, pose: Pose, camera: Camera, rng: np.random.Generator)
   """
   if camera.modality not in ("rgb", "ir"):
     raise ValueError(f"camera modality {camera.modality!r} is unknown; use 'rgb' or 'ir'")
-  if not 0.0 <= camera.nir <= 1.0:
-    raise ValueError(f"camera nir={camera.nir!r} must be in [0, 1] (0 = thermal only)")
   lab, pattern, across = layout(person, pose, camera)
   body = lab > 0
   emissivity = np.full(NUM_PARTS, 0.97, np.float32)  # skin and hair: matte, no sheen
