@@ -309,3 +309,10 @@ def test_report_order_is_the_methods_own_whatever_an_invocation_asks_for():
   orders = {(r.method, r.row): r.order for r in compare.plan(config)}
   assert orders == {("maum", "maum"): (0, 0), ("maum", "baseline"): (0, 1),
                     ("mmm", "full"): (3, 0), ("mmm", "cmc"): (3, 1)}
+
+
+def test_epoch_fraction_reaches_every_run():
+  config = _config()
+  assert {r.config.data.pipeline.epoch_fraction for r in compare.plan(config)} == {1.0}
+  config.epoch_fraction = 0.5
+  assert {r.config.data.pipeline.epoch_fraction for r in compare.plan(config)} == {0.5}
