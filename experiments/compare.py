@@ -207,6 +207,12 @@ def plan(config) -> list[Run]:
     raise UserError(f"config.imbalance={config.imbalance!r}: infrared fractions must be in "
                     f"(0, 1] (1.0 = balanced); got {bad}")
   overrides = parse_overrides(config.overrides)
+  if config.pretrained:
+    clash = [m for m, items in overrides.items() if any(f == "model.pretrained" for f, _ in items)]
+    if clash:
+      raise UserError(f"config.overrides sets {', '.join(clash)}'s model.pretrained and "
+                      f"config.pretrained={config.pretrained!r} sets every method's: give one "
+                      "of them (config.pretrained='' to keep only the override)")
   if config.pretrained == SYNTHETIC_BACKBONE and config.data.manual_dir:
     raise UserError(f"config.pretrained={SYNTHETIC_BACKBONE!r} is the synthetic data's stand-in "
                     f"for ImageNet, and config.data.manual_dir={config.data.manual_dir!r} is "

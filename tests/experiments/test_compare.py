@@ -286,6 +286,15 @@ def test_overrides_set_one_methods_field_and_refuse_shared_or_unknown_ones():
     config.overrides = text
     with pytest.raises(UserError, match=re.escape(message)):
       compare.plan(config)
+  # One method's own backbone file is fine without the compare-wide one, and refused with it
+  # (the compare-wide one would replace it without a word).
+  config.overrides = "maum.model.pretrained='/w/tiny.safetensors'"
+  assert {(r.method, r.config.model.pretrained) for r in compare.plan(config)} == {
+      ("maum", "/w/tiny.safetensors"), ("bdf", "")}
+  for pretrained in ("synthetic", "/w/resnet50.pth"):
+    config.pretrained = pretrained
+    with pytest.raises(UserError, match="sets maum's model.pretrained"):
+      compare.plan(config)
 
 
 def test_the_synthetic_bench_is_near_infrared_and_pretrained_and_refuses_that_on_real_data():
