@@ -101,31 +101,37 @@ _SHARED = ("seed", "eval.", "data.synthetic.", "data.manual_dir", "data.name",
            "data.pipeline.epoch_fraction")
 
 
-def parse_overrides(text: str) -> dict[str, list[tuple[str, Any]]]:
-  """`overrides`: 'METHOD.FIELD=VALUE,...' -> {method: [(field, value), ...]}.
+def parse_overrides(text: str) -> dict[str, list[tuple[str | None, str, Any]]]:
+  """`overrides`: 'METHOD[/ROW].FIELD=VALUE,...' -> {method: [(row, field, value), ...]}.
 
   FIELD is a dotted path in the method's config (e.g. `mmm.mmm.eps=0.45` sets MMM's
-  `config.mmm.eps`). VALUE is a Python literal (a number, True / False, a quoted string);
-  anything else is taken as a string.
+  `config.mmm.eps`), set in every run of the method, or with `/ROW` only in that row's runs
+  (e.g. `mpanet/mpanet.model.modality_attention=1` leaves MPANet's baseline without a MAM);
+  row None means every row. VALUE is a Python literal (a number, True / False, a quoted
+  string); anything else is taken as a string.
 
   Raises:
-    UserError: an item without METHOD.FIELD=VALUE, an unknown method, or a field every run
-      shares (seed, eval, the data and its fraction).
+    UserError: an item without METHOD.FIELD=VALUE, an unknown method or row, or a field every
+      run shares (seed, eval, the data and its fraction).
   """
   import ast
 
-  out: dict[str, list[tuple[str, Any]]] = {}
+  out: dict[str, list[tuple[str | None, str, Any]]] = {}
   for item in (s.strip() for s in str(text).split(",")):
     if not item:
       continue
     key, sep, raw = item.partition("=")
-    method, dot, field = key.strip().partition(".")
+    target, dot, field = key.strip().partition(".")
     if not (sep and dot and field):
-      raise UserError(f"config.overrides item {item!r}: expected METHOD.FIELD=VALUE, e.g. "
-                      "mmm.mmm.eps=0.45")
+      raise UserError(f"config.overrides item {item!r}: expected METHOD.FIELD=VALUE or "
+                      "METHOD/ROW.FIELD=VALUE, e.g. mmm.mmm.eps=0.45")
+    method, slash, row = target.partition("/")
     if method not in CONFIGS:
       raise UserError(f"config.overrides item {item!r}: unknown method {method!r}; the "
                       f"methods are {', '.join(CONFIGS)}")
+    if slash and row not in CONFIGS[method].ROWS:
+      raise UserError(f"config.overrides item {item!r}: unknown row {row!r}; {method}'s rows "
+                      f"are {', '.join(CONFIGS[method].ROWS)}")
     if any(field == p.rstrip(".") or field.startswith(p) for p in _SHARED):
       raise UserError(f"config.overrides item {item!r}: {field} is shared by every run of the "
                       "comparison; set it with the compare config's own fields (seeds, eval.*, "
@@ -134,7 +140,7 @@ def parse_overrides(text: str) -> dict[str, list[tuple[str, Any]]]:
       value = ast.literal_eval(raw.strip())
     except (ValueError, SyntaxError):
       value = raw.strip()
-    out.setdefault(method, []).append((field, value))
+    out.setdefault(method, []).append((row if slash else None, field, value))
   return out
 
 
@@ -208,7 +214,8 @@ def plan(config) -> list[Run]:
                     f"(0, 1] (1.0 = balanced); got {bad}")
   overrides = parse_overrides(config.overrides)
   if config.pretrained:
-    clash = [m for m, items in overrides.items() if any(f == "model.pretrained" for f, _ in items)]
+    clash = [m for m, items in overrides.items()
+             if any(f == "model.pretrained" for _, f, _ in items)]
     if clash:
       raise UserError(f"config.overrides sets {', '.join(clash)}'s model.pretrained and "
                       f"config.pretrained={config.pretrained!r} sets every method's: give one "
@@ -245,8 +252,9 @@ def plan(config) -> list[Run]:
           c.eval.update(trials=config.eval.trials, modes=tuple(config.eval.modes),
                         shots=tuple(config.eval.shots), sampling=samplers[0],
                         num_ranked=config.eval.num_ranked)
-          for field, value in overrides.get(method, ()):
-            _override(c, method, field, value)
+          for only, field, value in overrides.get(method, ()):
+            if only in (None, row):
+              _override(c, method, field, value)
           # The report's row order: the methods' own order (CONFIGS), whichever were asked
           # for this time, so a later partial invocation does not reorder a workdir's report.
           runs.append(Run(method, row, fraction, seed, c, (list(CONFIGS).index(method), j)))

@@ -7,12 +7,13 @@ protocol, then writes one report (experiments/compare.py has the layout). Preset
                        with near-infrared cameras (data.synthetic.nir=0.5), every method
                        started from a backbone pretrained on other synthetic people
                        (pretrained='synthetic', pretrain.labels='joint'), MMM's eps and
-                       final-stage backbone factor set for that start (overrides); the full
-                       SYSU-MM01 protocol (10 trials, all/indoor x single/multi-shot). About
-                       50 minutes for the default 3 seeds on the 2-core VM (1.2-2.2 minutes a
-                       run, MMM's full row about 3.4 with the CMC row's stages shared, plus
-                       the backbones' pretraining, cached once per config); README "Compare
-                       methods" has the measured table.
+                       final-stage backbone factor set for that start and MPANet's MAM after
+                       layer4 only (overrides), every run at 0.6 of its preset's epochs
+                       (epoch_fraction); the full SYSU-MM01 protocol (10 trials, all/indoor x
+                       single/multi-shot). About 30 minutes for the default 3 seeds on the
+                       2-core VM (0.8-1.6 minutes a run, MMM's full row about 3 with the CMC
+                       row's stages shared), plus about 7 for the backbones' pretraining, made
+                       once per cache; README "Compare methods" has the measured tables.
   smoke                each method's `smoke` preset, one seed, one trial of all-search
                        single-shot (tests and quick checks).
 
@@ -43,12 +44,15 @@ Fields:
               them thermal only, so only shape, pattern and material link the modalities).
   epoch_fraction
               every run's `data.pipeline.epoch_fraction`: its epochs are this fraction of the
-              preset's, its schedule (in epochs) unchanged; 0.5 halves the training.
+              preset's, its schedule (in epochs) unchanged; 1.0 trains the presets' whole
+              epochs (the synthetic bench's 0.6 keeps it near 30 minutes).
   overrides   comma-separated METHOD.FIELD=VALUE: a field of one method's config, set in
-              every run of that method on top of its preset (e.g. mmm.mmm.eps=0.45); VALUE is
-              a Python literal or a plain string (no commas). Fields every run shares (seed,
-              eval.*, data.synthetic.*, data.manual_dir, the pipeline's seed and fraction)
-              are refused: they belong to the compare config's own fields.
+              every run of that method on top of its preset (e.g. mmm.mmm.eps=0.45), or
+              METHOD/ROW.FIELD=VALUE: only in that row's runs (e.g.
+              mpanet/mpanet.model.modality_attention=1 keeps the baseline row's plain
+              ResNet); VALUE is a Python literal or a plain string (no commas). Fields every
+              run shares (seed, eval.*, data.synthetic.*, data.manual_dir, the pipeline's
+              seed and fraction) are refused: they belong to the compare config's own fields.
   eval.*      the protocol every run is evaluated with: trials, modes, shots, num_ranked
               (queries on the ranked-list sheets) and samplers, the SYSU-MM01 gallery samplers:
               the first one is the runs' own evaluation (metrics.json), each further one a
@@ -85,7 +89,9 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   config.seeds = "0,1,2"
   config.budget = "synthetic"
   config.imbalance = "1.0"
-  config.epoch_fraction = 1.0
+  # Every run's epochs at 0.6 of its preset's, schedules unchanged: the bench in about 30
+  # minutes [I]; README "Compare methods" has the whole-epoch (1.0) table too.
+  config.epoch_fraction = 0.6
   # -1: the method preset's own value (the synthetic data's generator settings). The bench
   # draws SYSU-MM01's infrared cameras as near-infrared ones (nir 0.5) [I].
   config.data = {"manual_dir": "",
@@ -95,8 +101,11 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   # labels across both modalities (the bench's ImageNet) [I]; MMM's DBSCAN eps for the
   # pretrained features, whose distances are shorter than those of a random start [I], and its
   # final stage's backbone at 0.1 x the lr, as main.py for a pretrained start (its demo's 1.0
-  # is for random weights).
-  config.overrides = "mmm.mmm.eps=0.45,mmm.final.optim.backbone_lr_mult=0.1"
+  # is for random weights); MPANet's MAM after layer4 only (the code's modality_attention 1):
+  # at 64x32 the MAM after layer3 instance-normalises a 4 x 2 map between the pretrained
+  # layer3 and layer4, and with it the full model fell below its baseline [I].
+  config.overrides = ("mmm.mmm.eps=0.45,mmm.final.optim.backbone_lr_mult=0.1,"
+                      "mpanet/mpanet.model.modality_attention=1")
   config.pretrained = SYNTHETIC_BACKBONE
   config.pretrain = {"num_identities": 400, "seed": 1000, "steps": 1500, "labels": "joint"}
   config.eval = {"trials": 10, "modes": ("all", "indoor"), "shots": (1, 10),
@@ -104,6 +113,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   if preset == "smoke":
     config.budget = "smoke"
     config.seeds = "0"
+    config.epoch_fraction = 1.0
     config.data.synthetic.nir = -1.0
     config.overrides = ""
     config.pretrained = ""

@@ -282,10 +282,23 @@ def test_overrides_set_one_methods_field_and_refuse_shared_or_unknown_ones():
                         ("bdf.eval.trials=1", "shared by every run"),
                         ("bdf.data.synthetic.seed=4", "shared by every run"),
                         ("bdf.data.pipeline.imbalance_fraction=0.5", "shared by every run"),
-                        ("maum.optim.lr='fast'", "maum.optim.lr='fast'")):
+                        ("maum.optim.lr='fast'", "maum.optim.lr='fast'"),
+                        ("maum/nosuch.optim.lr=1", "unknown row 'nosuch'"),
+                        ("bdf/maum.optim.lr=1", "unknown row 'maum'")):
     config.overrides = text
     with pytest.raises(UserError, match=re.escape(message)):
       compare.plan(config)
+  # METHOD/ROW: that row's runs only; later items win, as for whole-method ones.
+  config.overrides = "maum.optim.lr=0.5,maum/baseline.optim.lr=0.25,bdf/full.num_epochs=5"
+  got = {(r.method, r.row): (r.config.optim.lr, r.config.num_epochs)
+         for r in compare.plan(config)}
+  preset = {(r.method, r.row): compare.method_config(r.method, "smoke", r.row)
+            for r in compare.plan(config)}
+  assert got == {("maum", "maum"): (0.5, preset["maum", "maum"].num_epochs),
+                 ("maum", "baseline"): (0.25, preset["maum", "baseline"].num_epochs),
+                 ("bdf", "full"): (preset["bdf", "full"].optim.lr, 5),
+                 ("bdf", "base"): (preset["bdf", "base"].optim.lr,
+                                   preset["bdf", "base"].num_epochs)}
   # One method's own backbone file is fine without the compare-wide one, and refused with it
   # (the compare-wide one would replace it without a word).
   config.overrides = "maum.model.pretrained='/w/tiny.safetensors'"
@@ -303,6 +316,13 @@ def test_the_synthetic_bench_is_near_infrared_and_pretrained_and_refuses_that_on
   assert {r.config.data.synthetic.nir for r in runs} == {0.5}
   assert {(r.config.mmm.eps, r.config.final.optim.backbone_lr_mult)
           for r in runs if r.method == "mmm"} == {(0.45, 0.1)}
+  # MPANet's MAM after layer4 only, its other parts as the preset's full row.
+  full = compare.method_config("mpanet", "synthetic", "mpanet")
+  assert full.model.modality_attention == 2 and full.model.pam
+  assert {(r.row, r.config.model.modality_attention, r.config.model.pam, r.config.loss.ml)
+          for r in runs if r.method == "mpanet"} == {("mpanet", 1, True, True),
+                                                    ("baseline", 0, False, False)}
+  assert {r.config.data.pipeline.epoch_fraction for r in runs} == {0.6}
   assert {r.method for r in runs} == {"maum", "mpanet", "bdf", "mmm"}
   assert (config.pretrained, config.pretrain.labels) == ("synthetic", "joint")
   config.data.manual_dir = "/data/sysu"
