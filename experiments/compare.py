@@ -96,9 +96,10 @@ def _numbers(text: str, field: str, kind: type) -> list:
 
 
 # What every run shares (the data, the seeds, the protocol): `overrides` may not change it.
+# A method's training length is its own (its preset's epochs): `data.pipeline.epoch_fraction`
+# may be overridden for one method.
 _SHARED = ("seed", "eval.", "data.synthetic.", "data.manual_dir", "data.name",
-           "data.pipeline.seed", "data.pipeline.imbalance_fraction",
-           "data.pipeline.epoch_fraction")
+           "data.pipeline.seed", "data.pipeline.imbalance_fraction")
 
 
 def parse_overrides(text: str) -> dict[str, list[tuple[str | None, str, Any]]]:

@@ -282,6 +282,7 @@ def test_overrides_set_one_methods_field_and_refuse_shared_or_unknown_ones():
                         ("bdf.eval.trials=1", "shared by every run"),
                         ("bdf.data.synthetic.seed=4", "shared by every run"),
                         ("bdf.data.pipeline.imbalance_fraction=0.5", "shared by every run"),
+                        ("bdf.data.pipeline.seed=3", "shared by every run"),
                         ("maum.optim.lr='fast'", "maum.optim.lr='fast'"),
                         ("maum/nosuch.optim.lr=1", "unknown row 'nosuch'"),
                         ("bdf/maum.optim.lr=1", "unknown row 'maum'")):
@@ -322,7 +323,11 @@ def test_the_synthetic_bench_is_near_infrared_and_pretrained_and_refuses_that_on
   assert {(r.row, r.config.model.modality_attention, r.config.model.pam, r.config.loss.ml)
           for r in runs if r.method == "mpanet"} == {("mpanet", 1, True, True),
                                                     ("baseline", 0, False, False)}
-  assert {r.config.data.pipeline.epoch_fraction for r in runs} == {0.6}
+  # 0.6 of each preset's epochs, but MMM's: whole epochs, the final stage's of 20 steps.
+  assert {(r.method, r.config.data.pipeline.epoch_fraction) for r in runs} == {
+      ("maum", 0.6), ("mpanet", 0.6), ("bdf", 0.6), ("mmm", 1.0)}
+  assert {r.config.final.pipeline.steps_per_epoch for r in runs if r.method == "mmm"} == {20}
+  assert compare.method_config("mmm", "synthetic", "full").final.pipeline.steps_per_epoch == 40
   assert {r.method for r in runs} == {"maum", "mpanet", "bdf", "mmm"}
   assert (config.pretrained, config.pretrain.labels) == ("synthetic", "joint")
   config.data.manual_dir = "/data/sysu"
@@ -340,8 +345,11 @@ def test_report_order_is_the_methods_own_whatever_an_invocation_asks_for():
                     ("mmm", "full"): (3, 0), ("mmm", "cmc"): (3, 1)}
 
 
-def test_epoch_fraction_reaches_every_run():
+def test_epoch_fraction_reaches_every_run_and_one_method_may_keep_its_own():
   config = _config()
   assert {r.config.data.pipeline.epoch_fraction for r in compare.plan(config)} == {1.0}
   config.epoch_fraction = 0.5
   assert {r.config.data.pipeline.epoch_fraction for r in compare.plan(config)} == {0.5}
+  config.overrides = "mmm.data.pipeline.epoch_fraction=0.75"
+  assert {(r.method, r.config.data.pipeline.epoch_fraction) for r in compare.plan(config)} == {
+      ("maum", 0.5), ("mmm", 0.75)}
