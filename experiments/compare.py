@@ -214,6 +214,11 @@ def plan(config) -> list[Run]:
     raise UserError(f"config.imbalance={config.imbalance!r}: infrared fractions must be in "
                     f"(0, 1] (1.0 = balanced); got {bad}")
   overrides = parse_overrides(config.overrides)
+  if config.preset == "synthetic" and config.budget in ("sysu", "regdb"):
+    raise UserError(f"config.budget={config.budget!r} on the synthetic preset would train the "
+                    "real-data recipes with the synthetic bench's own settings (epoch_fraction "
+                    f"{config.epoch_fraction}, overrides {config.overrides!r}); use the preset: "
+                    f"--config=experiments/configs/compare.py:{config.budget}")
   if config.pretrained:
     clash = [m for m, items in overrides.items()
              if any(f == "model.pretrained" for _, f, _ in items)]

@@ -335,6 +335,25 @@ def test_the_synthetic_bench_is_near_infrared_and_pretrained_and_refuses_that_on
     compare.plan(config)
   config.pretrained = ""
   assert all(r.config.data.manual_dir == "/data/sysu" for r in compare.plan(config))
+  # The real-data recipes: a preset without the bench's own settings; the synthetic preset
+  # refuses a real budget rather than train it with them.
+  config.budget = "sysu"
+  with pytest.raises(UserError, match=re.escape("compare.py:sysu")):
+    compare.plan(config)
+  for budget in ("sysu", "regdb"):
+    real = compare_configs.get_config(budget)
+    real.data.manual_dir, real.pretrained = f"/data/{budget}", "/w/resnet50-0676ba61.pth"
+    runs = compare.plan(real)
+    assert {r.method for r in runs} == {"maum", "mpanet", "bdf", "mmm"}
+    for run in runs:
+      preset = compare.method_config(run.method, budget, run.row)
+      assert run.config.data.pipeline.epoch_fraction == 1.0
+      assert run.config.model.pretrained == "/w/resnet50-0676ba61.pth"
+      assert run.config.model.to_dict() == {**preset.model.to_dict(),
+                                            "pretrained": "/w/resnet50-0676ba61.pth"}, run
+      if run.method == "mmm":
+        assert run.config.mmm.to_dict() == preset.mmm.to_dict()
+        assert run.config.final.to_dict() == preset.final.to_dict()
 
 
 def test_report_order_is_the_methods_own_whatever_an_invocation_asks_for():
